@@ -1,0 +1,187 @@
+"""Agent configuration: a TOML file validated against ``schemas/config.schema.json``.
+
+Every field has a sane default, so the agent runs with no file at all (the embedded default).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from agent.errors import ConfigError, SchemaError
+from agent.schemas import validate
+
+DEFAULT_CONFIG_PATH = Path("/etc/imageguard/config.toml")
+DEFAULT_STATE_DIR = Path("/var/lib/imageguard")
+Mode = Literal["enforce", "audit"]
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    id: str
+    display_name: str
+    groups: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    url: str = "unix:///var/run/docker.sock"
+    timeout_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class EnforcementConfig:
+    enabled: bool = True
+    mode: Mode = "enforce"
+    #: time a blocked container gets between SIGTERM and SIGKILL
+    stop_grace_seconds: int = 1
+    verify_timeout_seconds: float = 10.0
+    #: how long a failed verification is remembered, so a burst of starts costs one verification
+    negative_cache_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "info"
+    format: Literal["text", "json"] = "text"
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    host: str
+    username: str | None = None
+    password_file: Path | None = None
+    password_env: str | None = None
+    ca_bundle: Path | None = None
+    insecure: bool = False
+
+    def password(self) -> str | None:
+        """Read the secret on use, never at load time, and never log it."""
+        if self.password_file is not None:
+            try:
+                return self.password_file.read_text(encoding="utf-8").rstrip("\r\n")
+            except OSError as exc:
+                raise ConfigError(
+                    f"registry {self.host}: cannot read password_file {self.password_file}: {exc.strerror}"
+                ) from None
+        if self.password_env is not None:
+            value = os.environ.get(self.password_env)
+            if value is None:
+                raise ConfigError(f"registry {self.host}: environment variable {self.password_env} is not set")
+            return value
+        return None
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    url: str
+    account: str = "imageguard"
+    username: str | None = None
+    password_file: Path | None = None
+    ca_bundle: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    protocol: Literal["3.1.1", "5"] = "3.1.1"
+    keepalive_seconds: int = 30
+    control_prefix: str = "$EDC"
+    encoding: Literal["kura-protobuf", "json"] = "kura-protobuf"
+    clean_session: bool = False
+    outbox_limit: int = 10000
+    max_payload_bytes: int = 256 * 1024
+    policy_signing_key: Path | None = None
+    reconnect_min_seconds: float = 1.0
+    reconnect_max_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
+class Config:
+    device: DeviceConfig
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    state_dir: Path = DEFAULT_STATE_DIR
+    enforcement: EnforcementConfig = field(default_factory=EnforcementConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    registries: tuple[RegistryConfig, ...] = ()
+    mqtt: MqttConfig | None = None
+    source: str = "<embedded default>"
+
+    def registry(self, host: str) -> RegistryConfig | None:
+        return next((r for r in self.registries if r.host == host), None)
+
+
+def _default_device_id() -> str:
+    # the id becomes a topic level: Kura replaces / + # . with '-'
+    name = socket.gethostname() or "imageguard"
+    return "".join("-" if c in "/+#." or c.isspace() else c for c in name)
+
+
+def _path(value: Any, base: Path) -> Path | None:
+    if value is None:
+        return None
+    p = Path(value)
+    return p if p.is_absolute() else base / p
+
+
+def from_dict(data: dict[str, Any], source: str = "<dict>", base: Path | None = None) -> Config:
+    """Build a :class:`Config` from parsed TOML; relative paths are resolved against ``base``."""
+    try:
+        validate(data, "config", f"configuration {source}")
+    except SchemaError as exc:
+        raise ConfigError(str(exc)) from None
+    base = base or Path.cwd()
+    dev = data.get("device", {})
+    device = DeviceConfig(
+        id=dev.get("id") or _default_device_id(),
+        display_name=dev.get("display_name") or dev.get("id") or _default_device_id(),
+        groups=tuple(dev.get("groups", ())),
+    )
+    mqtt = None
+    if "mqtt" in data:
+        m = dict(data["mqtt"])
+        for key in ("password_file", "ca_bundle", "client_cert", "client_key", "policy_signing_key"):
+            m[key] = _path(m.get(key), base)
+        mqtt = MqttConfig(**m)
+        if mqtt.reconnect_max_seconds < mqtt.reconnect_min_seconds:
+            raise ConfigError(
+                f"configuration {source}: at /mqtt/reconnect_max_seconds: must be >= reconnect_min_seconds"
+            )
+    registries = []
+    for r in data.get("registries", ()):
+        r = dict(r)
+        for key in ("password_file", "ca_bundle"):
+            r[key] = _path(r.get(key), base)
+        registries.append(RegistryConfig(**r))
+    hosts = [r.host for r in registries]
+    if len(hosts) != len(set(hosts)):
+        raise ConfigError(f"configuration {source}: at /registries: a host is listed twice")
+    state_dir = _path(data.get("state", {}).get("dir"), base) or DEFAULT_STATE_DIR
+    return Config(
+        device=device,
+        engine=EngineConfig(**data.get("engine", {})),
+        state_dir=state_dir,
+        enforcement=EnforcementConfig(**data.get("enforcement", {})),
+        logging=LoggingConfig(**data.get("logging", {})),
+        registries=tuple(registries),
+        mqtt=mqtt,
+        source=source,
+    )
+
+
+def load(path: Path | None) -> Config:
+    """Load the config file. ``None`` means the default path if it exists, else the embedded default."""
+    if path is None:
+        if not DEFAULT_CONFIG_PATH.exists():
+            return from_dict({}, "<embedded default>")
+        path = DEFAULT_CONFIG_PATH
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"configuration {path}: cannot read: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"configuration {path}: not valid TOML: {exc}") from None
+    return from_dict(data, str(path), path.parent)

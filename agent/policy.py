@@ -1,0 +1,241 @@
+"""Policy: versioned layers (the device's own and one per fleet group) and the effective union of them.
+
+A layer is parsed and checked once, here; the core only sees :class:`EffectivePolicy` snapshots.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from agent.digest import Digest
+from agent.errors import DigestError, PolicyError, RollbackError
+from agent.imageref import ImageRef, scope_matches
+from agent.schemas import validate
+
+Mode = Literal["enforce", "audit"]
+DEVICE_LAYER = "device"
+
+
+def group_layer(group: str) -> str:
+    return f"group:{group}"
+
+
+@dataclass(frozen=True, slots=True)
+class Enforcement:
+    enabled: bool = True
+    mode: Mode = "enforce"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"enabled": self.enabled, "mode": self.mode}
+
+
+@dataclass(frozen=True, slots=True)
+class AllowlistEntry:
+    digest: Digest
+    comment: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"digest": str(self.digest)}
+        if self.comment:
+            out["comment"] = self.comment
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    subject: str | None = None
+    subject_regexp: str | None = None
+    issuer: str | None = None
+    issuer_regexp: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k in ("subject", "subject_regexp", "issuer", "issuer_regexp") if (v := getattr(self, k))}
+
+
+@dataclass(frozen=True, slots=True)
+class TrustAnchor:
+    """Something that can vouch for images in its scope: a public key or a root CA."""
+
+    name: str
+    kind: Literal["key", "ca"]
+    pem: str
+    scheme: str = "cosign"
+    scope: tuple[str, ...] = ("*",)
+    intermediates: str | None = None
+    identities: tuple[Identity, ...] = ()
+    rekor_public_key: str | None = None
+    require_tlog: bool = False
+    strict_identity: bool = False
+
+    def covers(self, ref: ImageRef) -> bool:
+        return any(scope_matches(p, ref) for p in self.scope)
+
+    @property
+    def fingerprint(self) -> str:
+        """Changes whenever anything that affects verification changes: digests it verified are revoked."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "scheme": self.scheme, "kind": self.kind, "pem": self.pem}
+        out["scope"] = list(self.scope)
+        if self.intermediates:
+            out["intermediates"] = self.intermediates
+        if self.identities:
+            out["identities"] = [i.to_dict() for i in self.identities]
+        if self.rekor_public_key:
+            out["rekor_public_key"] = self.rekor_public_key
+        out["require_tlog"] = self.require_tlog
+        out["strict_identity"] = self.strict_identity
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str) -> TrustAnchor:
+        for ident in d.get("identities", ()):
+            for key in ("subject_regexp", "issuer_regexp"):
+                if key in ident:
+                    try:
+                        re.compile(ident[key])
+                    except re.error as exc:
+                        raise PolicyError(f"{where}: {key} is not a valid regular expression: {exc}") from None
+        if d["kind"] == "key" and d.get("intermediates"):
+            raise PolicyError(f"{where}: intermediates only apply to kind 'ca'")
+        return cls(
+            name=d["name"],
+            kind=d["kind"],
+            pem=d["pem"],
+            scheme=d.get("scheme", "cosign"),
+            scope=tuple(d.get("scope") or ("*",)),
+            intermediates=d.get("intermediates"),
+            identities=tuple(Identity(**i) for i in d.get("identities", ())),
+            rekor_public_key=d.get("rekor_public_key"),
+            require_tlog=bool(d.get("require_tlog", False)),
+            strict_identity=bool(d.get("strict_identity", False)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyLayer:
+    """One versioned layer. ``enforcement`` is honoured only in the device layer."""
+
+    name: str = DEVICE_LAYER
+    version: int = 0
+    enforcement: Enforcement | None = None
+    allowlist: tuple[AllowlistEntry, ...] = ()
+    trust_anchors: tuple[TrustAnchor, ...] = ()
+    target: Mapping[str, str] | None = None
+
+    @classmethod
+    def from_document(cls, doc: Any, name: str = DEVICE_LAYER, what: str = "policy") -> PolicyLayer:
+        """Validate a policy document (schema, then meaning) and build the layer. Raises PolicyError."""
+        validate(doc, "policy", what)
+        entries: dict[Digest, AllowlistEntry] = {}
+        for i, e in enumerate(doc.get("allowlist", ())):
+            try:
+                digest = Digest.parse(e["digest"])
+            except DigestError as exc:
+                raise PolicyError(f"{what}: at /allowlist/{i}/digest: {exc}") from None
+            entries.setdefault(digest, AllowlistEntry(digest, e.get("comment", "")))
+        anchors: dict[str, TrustAnchor] = {}
+        for i, a in enumerate(doc.get("trust_anchors", ())):
+            if a["name"] in anchors:
+                raise PolicyError(f"{what}: at /trust_anchors/{i}/name: anchor {a['name']!r} is defined twice")
+            anchors[a["name"]] = TrustAnchor.from_dict(a, f"{what}: at /trust_anchors/{i}")
+        enforcement = None
+        if "enforcement" in doc:
+            if name != DEVICE_LAYER:
+                raise PolicyError(f"{what}: at /enforcement: enforcement can only be set in the device layer")
+            enforcement = Enforcement(**doc["enforcement"])
+        return cls(
+            name=name,
+            version=doc["version"],
+            enforcement=enforcement,
+            allowlist=tuple(entries.values()),
+            trust_anchors=tuple(anchors.values()),
+            target=doc.get("target"),
+        )
+
+    def to_document(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"version": self.version}
+        if self.target:
+            doc["target"] = dict(self.target)
+        if self.enforcement is not None:
+            doc["enforcement"] = self.enforcement.to_dict()
+        doc["allowlist"] = [e.to_dict() for e in self.allowlist]
+        doc["trust_anchors"] = [a.to_dict() for a in self.trust_anchors]
+        return doc
+
+    def check_successor(self, new: PolicyLayer) -> bool:
+        """True if ``new`` should replace this layer; False if it is the same version (nothing new).
+
+        Raises RollbackError for an older version.
+        """
+        if new.version < self.version:
+            raise RollbackError(
+                f"policy layer {self.name!r}: version {new.version} is older than the held version "
+                f"{self.version}; send a version greater than {self.version}"
+            )
+        return new.version > self.version
+
+    def bumped(self, **changes: Any) -> PolicyLayer:
+        """A copy with ``changes`` applied and the version increased by one (local edits)."""
+        fields = {
+            "name": self.name,
+            "version": self.version + 1,
+            "enforcement": self.enforcement,
+            "allowlist": self.allowlist,
+            "trust_anchors": self.trust_anchors,
+            "target": self.target,
+        }
+        fields.update(changes)
+        return PolicyLayer(**fields)
+
+
+@dataclass(frozen=True)
+class EffectivePolicy:
+    """The union of all layers, as the enforcement loop reads it. Immutable: swapped whole on change."""
+
+    enforcement: Enforcement
+    allowlist: frozenset[Digest]
+    trust_anchors: tuple[TrustAnchor, ...]
+    versions: Mapping[str, int] = field(default_factory=dict)
+    #: digests pinned by enabled managed instances (they allow containers like allowlist entries)
+    instance_digests: frozenset[Digest] = frozenset()
+
+    @property
+    def version(self) -> int:
+        return self.versions.get(DEVICE_LAYER, 0)
+
+    def anchors_for(self, ref: ImageRef | None) -> tuple[TrustAnchor, ...]:
+        if ref is None:
+            return ()
+        return tuple(a for a in self.trust_anchors if a.covers(ref))
+
+    def anchor(self, name: str) -> TrustAnchor | None:
+        return next((a for a in self.trust_anchors if a.name == name), None)
+
+    @classmethod
+    def compose(
+        cls,
+        layers: Iterable[PolicyLayer],
+        default_enforcement: Enforcement,
+        instance_digests: frozenset[Digest] = frozenset(),
+    ) -> EffectivePolicy:
+        enforcement = default_enforcement
+        allow: set[Digest] = set()
+        anchors: dict[str, TrustAnchor] = {}
+        versions: dict[str, int] = {}
+        # device layer last, so that its anchor of a given name wins over a group's
+        for layer in sorted(layers, key=lambda lyr: lyr.name == DEVICE_LAYER):
+            versions[layer.name] = layer.version
+            allow.update(e.digest for e in layer.allowlist)
+            for a in layer.trust_anchors:
+                anchors[a.name] = a
+            if layer.name == DEVICE_LAYER and layer.enforcement is not None:
+                enforcement = layer.enforcement
+        return cls(enforcement, frozenset(allow), tuple(anchors.values()), versions, instance_digests)
