@@ -114,3 +114,27 @@ class ControlError(ImageGuardError):
     def __init__(self, status: int, message: str, *, code: str | None = None) -> None:
         super().__init__(message, code=code)
         self.status = status
+
+
+class PayloadError(InputError):
+    """An MQTT payload cannot be decoded as a KuraPayload (protobuf or its JSON form)."""
+
+    code = "invalid-payload"
+
+
+class PayloadTooLarge(PayloadError):
+    """An MQTT payload is over ``mqtt.max_payload_bytes`` (before or after gunzip)."""
+
+    code = "payload-too-large"
+
+
+class BrokerError(ImageGuardError):
+    """The MQTT broker connection cannot do what was asked (not started, stopped, refused)."""
+
+    code = "broker-error"
+
+
+class PublishWindowFull(BrokerError):
+    """Too many publishes await the broker's acknowledgement; retry after some complete."""
+
+    code = "publish-window-full"

@@ -1,0 +1,224 @@
+"""Composition root: wires adapters and core together and owns start-up and shutdown.
+
+No other module knows every other one.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from agent import __version__
+from agent.config import Config
+from agent.decision import rescan_reason
+from agent.engine import Engine
+from agent.enforcer import Enforcer, Verifier
+from agent.errors import StateError
+from agent.events import ContainerEvent
+from agent.monitor import Monitor
+from agent.notify import Listener
+from agent.service import Service
+from agent.store import Store
+
+log = logging.getLogger(__name__)
+LOCK_NAME = "agent.lock"
+
+
+class AgentLock:
+    """One agent per state directory; the lock file also tells ``status`` who holds it."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StateError(
+                f"another ImageGuard agent is already running on {self.path.parent} ({read_lock(self.path)})"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "started": time.time(), "version": __version__}).encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def read_lock(path: Path) -> dict[str, Any] | None:
+    """The running agent's pid and start time, or None if no agent holds the lock."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                info: dict[str, Any] = json.loads(os.read(fd, 4096) or b"{}")
+                return info
+            except ValueError:
+                return {}
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+class Scanner:
+    """Runs requested rescans on its own thread; requests made during a scan coalesce into one more."""
+
+    def __init__(self, enforcer: Enforcer) -> None:
+        self.enforcer = enforcer
+        self._wanted = threading.Event()
+        self._stop = threading.Event()
+        self._reasons: list[str] = []
+        self._lock = threading.Lock()
+        self.idle = threading.Event()
+        self.idle.set()
+        self.scans = 0
+        self._thread = threading.Thread(target=self._run, name="scanner", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def request(self, reason: str) -> None:
+        with self._lock:
+            self._reasons.append(reason)
+            self.idle.clear()
+        self._wanted.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wanted.wait()
+            if self._stop.is_set():
+                return
+            self._wanted.clear()
+            with self._lock:
+                reasons, self._reasons = self._reasons, []
+            log.info("scanning every container (%s)", ", ".join(dict.fromkeys(reasons)))
+            try:
+                results = self.enforcer.scan(trigger="scan")
+                blocked = sum(1 for r in results if r.decision.verdict != "allowed")
+                log.info("scan done: %d containers, %d not allowed", len(results), blocked)
+            except Exception as exc:
+                log.error("scan failed: %s (will scan again after the engine is back)", exc)
+            self.scans += 1
+            with self._lock:
+                if not self._reasons:
+                    self.idle.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wanted.set()
+        self._thread.join(timeout=10)
+
+
+class Agent:
+    def __init__(self, config: Config, *, verifier: Verifier | None = None) -> None:
+        self.config = config
+        self._verifier = verifier
+        self._stopping = threading.Event()
+        self._reload_lock = threading.Lock()
+        self.lock = AgentLock(config.state_dir)
+        self.store = Store(config.state_dir, outbox_limit=config.mqtt.outbox_limit if config.mqtt else 10_000)
+        self.service = Service(config, self.store, telemetry=config.mqtt is not None, on_change=self.reload)
+        self.engine = Engine(config.engine.url, config.engine.timeout_seconds)
+        self.enforcer: Enforcer | None = None
+        self.monitor: Monitor | None = None
+        self.scanner: Scanner | None = None
+        self.listener: Listener | None = None
+
+    def start(self) -> None:
+        self.lock.acquire()
+        policy = self.service.effective()
+        self.enforcer = Enforcer(
+            self.engine,
+            self.store,
+            policy,
+            self.config.enforcement,
+            device=self.config.device.id,
+            verifier=self._verifier,
+            telemetry=self.config.mqtt is not None,
+        )
+        self.scanner = Scanner(self.enforcer)
+        self.scanner.start()
+        self.listener = Listener(self.config.state_dir, lambda _msg: self.reload())
+        self.listener.start()
+        self.monitor = Monitor(self.engine, self._on_event, self._on_connected)
+        self.monitor.start()
+        e = policy.enforcement
+        log.info(
+            "ImageGuard %s started: device %s, policy version %d, %d allowlisted digests, %d trust anchors, %s",
+            __version__, self.config.device.id, policy.version, len(policy.allowlist), len(policy.trust_anchors),
+            f"mode {e.mode}" if e.enabled else "enforcement off",
+        )
+        if e.enabled and not policy.allowlist and not policy.trust_anchors:
+            log.warning("the allowlist is empty and no trust anchor is configured: every container will be blocked")
+
+    def _on_event(self, event: ContainerEvent) -> None:
+        assert self.enforcer is not None
+        self.enforcer.submit(event.container_id, "start")
+
+    def _on_connected(self, reconnect: bool) -> None:
+        assert self.scanner is not None
+        self.scanner.request("engine events resumed" if reconnect else "agent start")
+
+    def reload(self) -> None:
+        """Re-read the policy store (after a CLI or control-plane change) and rescan if needed."""
+        if self.enforcer is None:
+            return
+        with self._reload_lock:
+            old = self.enforcer.policy
+            try:
+                new = self.service.effective()
+            except Exception:
+                log.exception("cannot read the policy store; keeping the current policy")
+                return
+            self.enforcer.set_policy(new)
+        if new.versions != old.versions:
+            log.info("policy reloaded: versions %s", dict(new.versions))
+        if (reason := rescan_reason(old, new)) is not None and self.scanner is not None:
+            self.scanner.request(reason)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        for part in (self.monitor, self.scanner):
+            if part is not None:
+                part.stop()
+        if self.listener is not None:
+            self.listener.close()
+        if self.enforcer is not None:
+            self.enforcer.close()
+        self.store.close()
+        self.lock.release()
+        log.info("ImageGuard stopped")
+
+    def run_forever(self) -> None:
+        """Run until SIGTERM or SIGINT."""
+
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            log.info("received %s, stopping", signal.Signals(signum).name)
+            self._stopping.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.start()
+        try:
+            self._stopping.wait()
+        finally:
+            self.stop()

@@ -1,0 +1,106 @@
+"""Records the agent keeps and publishes: decisions (verdict telemetry), alerts, policy acknowledgements.
+
+They are shaped as the telemetry messages they become (see schemas/decision.schema.json and
+schemas/policy-event.schema.json): every message has a unique id, the time, the device and the policy version.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from agent.decision import Decision
+from agent.events import ContainerFacts
+from agent.policy import EffectivePolicy
+from agent.store import (
+    PRIORITY_ALERT,
+    PRIORITY_ALLOWED_VERDICT,
+    PRIORITY_BLOCKED_VERDICT,
+    PRIORITY_POLICY,
+    OutboxMessage,
+)
+
+
+def utc_now(ts: float | None = None) -> str:
+    moment = datetime.now(UTC) if ts is None else datetime.fromtimestamp(ts, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def decision_record(
+    decision: Decision,
+    facts: ContainerFacts,
+    policy: EffectivePolicy,
+    *,
+    device: str,
+    trigger: str,
+    action: str,
+    now: float | None = None,
+) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "id": new_id(),
+        "time": utc_now(now),
+        "device": device,
+        "container": {"id": facts.id, "name": facts.name},
+        "image": facts.image,
+        "image_id": str(facts.image_id) if facts.image_id else None,
+        "digests": [str(d) for d in decision.digests],
+        "verdict": decision.verdict,
+        "reason": decision.reason.value,
+        "detail": decision.detail,
+        "policy_version": policy.version,
+        "policy_layers": dict(policy.versions),
+        "mode": policy.enforcement.mode,
+        "trigger": trigger,
+        "action": action,
+    }
+    if decision.matched is not None:
+        record["matched_digest"] = str(decision.matched)
+    if decision.anchor is not None:
+        record["anchor"] = decision.anchor
+    return record
+
+
+def decision_telemetry(record: dict[str, Any]) -> list[OutboxMessage]:
+    """A verdict message for every decision, plus an alert for every blocked or would-be-blocked one."""
+    if record["verdict"] == "allowed":
+        return [OutboxMessage("verdicts", record, PRIORITY_ALLOWED_VERDICT)]
+    alert = dict(record, id=new_id(), alert="container-blocked", decision_id=record["id"])
+    return [
+        OutboxMessage("verdicts", record, PRIORITY_BLOCKED_VERDICT),
+        OutboxMessage("alerts", alert, PRIORITY_ALERT),
+    ]
+
+
+def policy_event(
+    *,
+    device: str,
+    layer: str,
+    version: int,
+    status: str,
+    policy_version: int,
+    source: str,
+    reason: str | None = None,
+    detail: str | None = None,
+    now: float | None = None,
+) -> OutboxMessage:
+    """Acknowledgement of an applied, unchanged or rejected policy change (``.../policy`` telemetry)."""
+    msg: dict[str, Any] = {
+        "id": new_id(),
+        "time": utc_now(now),
+        "device": device,
+        "layer": layer,
+        "version": version,
+        "status": status,
+        "policy_version": policy_version,
+        "source": source,
+    }
+    if reason:
+        msg["reason"] = reason
+    if detail:
+        msg["detail"] = detail
+    return OutboxMessage("policy", msg, PRIORITY_POLICY)

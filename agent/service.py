@@ -1,0 +1,192 @@
+"""Library calls shared by the CLI, the agent and the MQTT control plane: they change the policy store.
+
+The control side only writes here; the enforcement loop reads snapshots (``effective()``) after a change.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from agent.config import Config
+from agent.digest import Digest
+from agent.errors import ImageGuardError, PolicyError
+from agent.policy import (
+    DEVICE_LAYER,
+    AllowlistEntry,
+    EffectivePolicy,
+    Enforcement,
+    PolicyLayer,
+    TrustAnchor,
+)
+from agent.records import policy_event, utc_now
+from agent.store import OutboxMessage, Store
+
+log = logging.getLogger(__name__)
+
+ApplyStatus = Literal["applied", "unchanged"]
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    layer: str
+    version: int
+    status: ApplyStatus
+    revoked: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layer": self.layer, "version": self.version, "status": self.status, "revoked": self.revoked}
+
+
+class Service:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        *,
+        telemetry: bool = False,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        #: write policy acknowledgements to the outbox (only when a broker is configured)
+        self.telemetry = telemetry
+        self.on_change = on_change
+
+    # -- reading -----------------------------------------------------------------------------------
+
+    @property
+    def default_enforcement(self) -> Enforcement:
+        e = self.config.enforcement
+        return Enforcement(enabled=e.enabled, mode=e.mode)
+
+    def effective(self) -> EffectivePolicy:
+        groups = {f"group:{g}" for g in self.config.device.groups}
+        layers = [lyr for lyr in self.store.layers() if lyr.name == DEVICE_LAYER or lyr.name in groups]
+        return EffectivePolicy.compose(layers, self.default_enforcement)
+
+    def layer(self, name: str = DEVICE_LAYER) -> PolicyLayer:
+        return self.store.layer(name)
+
+    def export_policy(self, name: str = DEVICE_LAYER) -> dict[str, Any]:
+        doc = self.store.layer(name).to_document()
+        if name == DEVICE_LAYER and "enforcement" not in doc:
+            doc["enforcement"] = self.default_enforcement.to_dict()
+        return doc
+
+    # -- changing ----------------------------------------------------------------------------------
+
+    def apply_layer(self, layer: PolicyLayer, *, source: str) -> ApplyResult:
+        """Replace a layer if ``layer.version`` is newer; revoke what changed anchors had verified.
+
+        Raises RollbackError for an older version (and records the rejection as policy telemetry).
+        """
+        now = utc_now()
+        try:
+            with self.store.transaction() as tx:
+                current = Store.read_layer(tx, layer.name)
+                if not current.check_successor(layer):
+                    self._ack(tx, layer, "unchanged", current.version, source, now)
+                    result = ApplyResult(layer.name, layer.version, "unchanged")
+                else:
+                    Store.write_layer(tx, layer, now)
+                    layers = {lyr.name: lyr for lyr in Store.read_layers(tx)}
+                    groups = {f"group:{g}" for g in self.config.device.groups}
+                    eff = EffectivePolicy.compose(
+                        [lyr for n, lyr in layers.items() if n == DEVICE_LAYER or n in groups],
+                        self.default_enforcement,
+                    )
+                    revoked = Store.revoke_verified(tx, {a.name: a.fingerprint for a in eff.trust_anchors})
+                    self._ack(tx, layer, "applied", eff.version, source, now)
+                    result = ApplyResult(layer.name, layer.version, "applied", revoked)
+        except ImageGuardError as exc:
+            self.record_rejection(layer.name, layer.version, exc, source)
+            raise
+        if result.status == "applied":
+            log.info(
+                "policy layer %s version %d applied (from %s, %d verified digests revoked)",
+                layer.name, layer.version, source, result.revoked,
+            )
+            if self.on_change:
+                self.on_change()
+        return result
+
+    def _ack(self, tx: Any, layer: PolicyLayer, status: str, policy_version: int, source: str, now: str) -> None:
+        if self.telemetry:
+            msg = policy_event(
+                device=self.config.device.id, layer=layer.name, version=layer.version, status=status,
+                policy_version=policy_version, source=source,
+            )
+            self.store.enqueue(tx, msg, now)
+
+    def record_rejection(self, layer: str, version: int | None, error: ImageGuardError, source: str) -> None:
+        """Report a refused change (bad document, rollback, bad signature) as policy telemetry."""
+        log.warning("policy change for layer %s refused (%s): %s", layer, error.code, error)
+        if not self.telemetry:
+            return
+        msg = policy_event(
+            device=self.config.device.id, layer=layer, version=version if version is not None else -1,
+            status="rejected", policy_version=self.store.layer(DEVICE_LAYER).version, source=source,
+            reason=error.code, detail=str(error),
+        )
+        self.store.outbox_add([msg], utc_now())
+
+    def queue_telemetry(self, messages: Iterable[OutboxMessage]) -> None:
+        if self.telemetry:
+            self.store.outbox_add(messages, utc_now())
+
+    def import_policy(self, doc: Any, *, source: str = "cli", layer: str = DEVICE_LAYER) -> ApplyResult:
+        try:
+            parsed = PolicyLayer.from_document(doc, layer, what="policy document")
+        except ImageGuardError as exc:
+            version = doc.get("version") if isinstance(doc, dict) and isinstance(doc.get("version"), int) else None
+            self.record_rejection(layer, version, exc, source)
+            raise
+        return self.apply_layer(parsed, source=source)
+
+    def _edit(self, source: str, **changes: Any) -> ApplyResult:
+        current = self.store.layer(DEVICE_LAYER)
+        return self.apply_layer(current.bumped(**changes), source=source)
+
+    def allowlist_add(self, digests: Iterable[Digest], comment: str = "", *, source: str = "cli") -> ApplyResult:
+        current = self.store.layer(DEVICE_LAYER)
+        entries = {e.digest: e for e in current.allowlist}
+        added = False
+        for d in digests:
+            if d not in entries or (comment and entries[d].comment != comment):
+                entries[d] = AllowlistEntry(d, comment or (entries[d].comment if d in entries else ""))
+                added = True
+        if not added:
+            return ApplyResult(DEVICE_LAYER, current.version, "unchanged")
+        return self._edit(source, allowlist=tuple(entries.values()))
+
+    def allowlist_remove(self, digest: Digest, *, source: str = "cli") -> ApplyResult:
+        current = self.store.layer(DEVICE_LAYER)
+        kept = tuple(e for e in current.allowlist if e.digest != digest)
+        if len(kept) == len(current.allowlist):
+            raise PolicyError(f"{digest} is not on the device allowlist", code="not-found")
+        return self._edit(source, allowlist=kept)
+
+    def set_enforcement(self, *, enabled: bool | None = None, mode: str | None = None, source: str = "cli") -> ApplyResult:
+        current = self.effective().enforcement
+        new = Enforcement(
+            enabled=current.enabled if enabled is None else enabled,
+            mode=current.mode if mode is None else mode,  # type: ignore[arg-type]
+        )
+        if mode not in (None, "enforce", "audit"):
+            raise PolicyError(f"unknown enforcement mode {mode!r}: expected 'enforce' or 'audit'")
+        return self._edit(source, enforcement=new)
+
+    def put_anchor(self, anchor: TrustAnchor, *, source: str = "cli") -> ApplyResult:
+        current = self.store.layer(DEVICE_LAYER)
+        anchors = [a for a in current.trust_anchors if a.name != anchor.name] + [anchor]
+        return self._edit(source, trust_anchors=tuple(anchors))
+
+    def delete_anchor(self, name: str, *, source: str = "cli") -> ApplyResult:
+        current = self.store.layer(DEVICE_LAYER)
+        kept = tuple(a for a in current.trust_anchors if a.name != name)
+        if len(kept) == len(current.trust_anchors):
+            raise PolicyError(f"trust anchor {name!r} is not in the device policy", code="not-found")
+        return self._edit(source, trust_anchors=kept)
