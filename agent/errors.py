@@ -138,3 +138,9 @@ class PublishWindowFull(BrokerError):
     """Too many publishes await the broker's acknowledgement; retry after some complete."""
 
     code = "publish-window-full"
+
+
+class UnsupportedSchemeError(PolicyError):
+    """A trust anchor names a signature scheme that no validator implements."""
+
+    code = "unsupported-scheme"

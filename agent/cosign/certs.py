@@ -61,6 +61,10 @@ def _code_signing_eku(_policy: object, _cert: x509.Certificate, ext: object) -> 
         raise ValueError("leaf extendedKeyUsage does not include code signing")
 
 
+def _iso(t: dt.datetime) -> str:
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def _utc(t: dt.datetime) -> dt.datetime:
     return t if t.tzinfo else t.replace(tzinfo=dt.UTC)
 
@@ -86,8 +90,8 @@ def verify_path(
     # Clear reasons for the two most common failures, before the generic path builder runs.
     if not leaf.not_valid_before_utc <= at <= leaf.not_valid_after_utc:
         raise VerificationError(
-            f"certificate {leaf.subject.rfc4514_string()!r} is valid {leaf.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ}"
-            f" to {leaf.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}, not at the signing time {at:%Y-%m-%dT%H:%M:%SZ}",
+            f"certificate {leaf.subject.rfc4514_string()!r} is valid {_iso(leaf.not_valid_before_utc)} to "
+            f"{_iso(leaf.not_valid_after_utc)}, not at the signing time {_iso(at)}",
             code="certificate-expired",
         )
     try:
@@ -99,7 +103,9 @@ def verify_path(
             "certificate extendedKeyUsage does not include code signing (1.3.6.1.5.5.7.3.3)",
             code="certificate-eku",
         )
-    ca_policy = ExtensionPolicy.permit_all().require_present(x509.BasicConstraints, Criticality.AGNOSTIC, None)
+    ca_policy = ExtensionPolicy.permit_all().require_present(
+        x509.BasicConstraints, Criticality.AGNOSTIC, None
+    )
     ee_policy = ExtensionPolicy.permit_all().may_be_present(
         x509.ExtendedKeyUsage, Criticality.AGNOSTIC, _code_signing_eku
     )
@@ -113,14 +119,18 @@ def verify_path(
         )
         return list(verifier.verify(leaf, list(untrusted)).chain)
     except X509VerificationError as exc:
-        code = "certificate-expired" if "not valid at validation time" in str(exc) else "certificate-untrusted"
+        code = (
+            "certificate-expired" if "not valid at validation time" in str(exc) else "certificate-untrusted"
+        )
         raise VerificationError(
             f"certificate {leaf.subject.rfc4514_string()!r} does not chain to the trust anchor's roots at "
             f"{at:%Y-%m-%dT%H:%M:%SZ}: {exc}",
             code=code,
         ) from None
     except ValueError as exc:  # e.g. an unsupported general name or key type deep in the path
-        raise VerificationError(f"certificate path cannot be validated: {exc}", code="certificate-untrusted") from None
+        raise VerificationError(
+            f"certificate path cannot be validated: {exc}", code="certificate-untrusted"
+        ) from None
 
 
 def subject_alt_names(cert: x509.Certificate) -> list[str]:
@@ -164,7 +174,9 @@ def certificate_issuer(cert: x509.Certificate) -> str | None:
         if v1_raw is not None:
             v1 = v1_raw.decode("utf-8")
     except (DecodeError, UnicodeDecodeError):
-        raise VerificationError("certificate issuer extension is malformed", code="identity-mismatch") from None
+        raise VerificationError(
+            "certificate issuer extension is malformed", code="identity-mismatch"
+        ) from None
     if v1 is not None and v2 is not None and v1 != v2:
         raise VerificationError(
             f"certificate issuer extensions disagree: {v2!r} (1.3.6.1.4.1.57264.1.8) vs {v1!r} (.1.1)",
@@ -180,9 +192,9 @@ def _matches(value: str | None, exact: str | None, pattern: str | None) -> bool:
 
 
 def _identity_matches(identity: Identity, sans: Sequence[str], issuer: str | None) -> bool:
-    if identity.subject is not None or identity.subject_regexp is not None:
-        if not any(_matches(s, identity.subject, identity.subject_regexp) for s in sans):
-            return False
+    wants_subject = identity.subject is not None or identity.subject_regexp is not None
+    if wants_subject and not any(_matches(s, identity.subject, identity.subject_regexp) for s in sans):
+        return False
     if identity.issuer is not None or identity.issuer_regexp is not None:
         return _matches(issuer, identity.issuer, identity.issuer_regexp)
     return True
@@ -199,4 +211,6 @@ def check_identities(cert: x509.Certificate, identities: Sequence[Identity]) -> 
     if not identities or any(_identity_matches(i, sans, issuer) for i in identities):
         return described
     wanted = "; ".join(str(i.to_dict()) for i in identities)
-    raise VerificationError(f"certificate identity ({described}) matches none of: {wanted}", code="identity-mismatch")
+    raise VerificationError(
+        f"certificate identity ({described}) matches none of: {wanted}", code="identity-mismatch"
+    )

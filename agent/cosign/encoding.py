@@ -13,6 +13,7 @@ _PEM_BLOCK = re.compile(
     rb"-----BEGIN ([A-Z0-9 ]{1,64})-----\r?\n(.*?)-----END ([A-Z0-9 ]{1,64})-----",
     re.DOTALL,
 )
+_B64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 
 
 class DecodeError(ValueError):
@@ -24,6 +25,9 @@ def b64decode_strict(text: str) -> bytes:
     if not isinstance(text, str):
         raise DecodeError(f"expected a base64 string, found {type(text).__name__}")
     cleaned = text.replace("\r", "").replace("\n", "")
+    # Python tolerates stray padding ("YWJj="); Go does not: demand whole quanta, '=' only at the end
+    if len(cleaned) % 4 or not _B64.fullmatch(cleaned):
+        raise DecodeError("invalid base64: expected standard base64 with correct padding")
     try:
         return base64.b64decode(cleaned.encode("ascii"), validate=True)
     except (binascii.Error, UnicodeEncodeError) as exc:
@@ -49,7 +53,7 @@ class PemBlock:
 
 
 def pem_blocks(data: str | bytes) -> list[PemBlock]:
-    """Every PEM block in ``data``, in order. Headers (``Key: value`` lines) are not supported, as in cosign."""
+    """Every PEM block in ``data``, in order. PEM headers are rejected (cosign writes none)."""
     raw = data.encode("utf-8", "replace") if isinstance(data, str) else data
     blocks = []
     for m in _PEM_BLOCK.finditer(raw):
@@ -70,7 +74,11 @@ def pem_encode(block_type: str, der: bytes) -> bytes:
     """PEM as Go's ``pem.Encode`` writes it: 64-column lines, final newline."""
     b64 = base64.b64encode(der).decode("ascii")
     lines = [b64[i : i + 64] for i in range(0, len(b64), 64)]
-    return (f"-----BEGIN {block_type}-----\n" + "".join(f"{line}\n" for line in lines) + f"-----END {block_type}-----\n").encode()
+    return (
+        f"-----BEGIN {block_type}-----\n"
+        + "".join(f"{line}\n" for line in lines)
+        + f"-----END {block_type}-----\n"
+    ).encode()
 
 
 def der_utf8string(der: bytes) -> str:

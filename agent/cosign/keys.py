@@ -46,11 +46,15 @@ def check_key(key: object, what: str = "key") -> PublicKey:
     """Return ``key`` if it is a public key cosign accepts, else raise KeyMaterialError naming the problem."""
     if isinstance(key, ec.EllipticCurvePublicKey):
         if key.curve.name not in _CURVE_HASH:
-            raise KeyMaterialError(f"{what}: unsupported elliptic curve {key.curve.name}; use P-256, P-384 or P-521")
+            raise KeyMaterialError(
+                f"{what}: unsupported elliptic curve {key.curve.name}; use P-256, P-384 or P-521"
+            )
         return key
     if isinstance(key, rsa.RSAPublicKey):
         if key.key_size < MIN_RSA_BITS:
-            raise KeyMaterialError(f"{what}: RSA key is {key.key_size} bits; at least {MIN_RSA_BITS} are required")
+            raise KeyMaterialError(
+                f"{what}: RSA key is {key.key_size} bits; at least {MIN_RSA_BITS} are required"
+            )
         return key
     if isinstance(key, ed25519.Ed25519PublicKey):
         return key
@@ -111,18 +115,19 @@ def describe_key(key: PublicKey) -> str:
 
 
 def verify_signature(key: PublicKey, payload: bytes, signature: bytes) -> str:
-    """Check a raw signature over ``payload``. Returns the algorithm that verified; raises VerificationError."""
+    """Check a raw signature over ``payload``; returns the algorithm that verified, else VerificationError."""
     if isinstance(key, ec.EllipticCurvePublicKey):
-        own = _CURVE_HASH[key.curve.name]
-        for algo in dict.fromkeys((own, hashes.SHA256)):  # own hash first; SHA-256 as cosign verify
+        own = _CURVE_HASH[key.curve.name]()
+        candidates = [own] if isinstance(own, hashes.SHA256) else [own, hashes.SHA256()]
+        for algo in candidates:  # the curve's own hash first; SHA-256 as `cosign verify --key` uses
             try:
-                key.verify(signature, payload, ec.ECDSA(algo()))
+                key.verify(signature, payload, ec.ECDSA(algo))
                 return f"ECDSA {key.curve.name} {algo.name}"
             except InvalidSignature:
                 continue
-        expected = "SHA-256" if own is hashes.SHA256 else f"{own.name.upper()} or SHA-256"
+        expected = " or ".join(a.name.upper() for a in candidates)
         raise VerificationError(
-            f"ECDSA signature ({expected} over the payload) does not verify with key {key_fingerprint(key)[:16]}",
+            f"ECDSA signature ({expected}) does not verify with key {key_fingerprint(key)[:16]}",
             code="signature-mismatch",
         )
     if isinstance(key, rsa.RSAPublicKey):
@@ -137,7 +142,8 @@ def verify_signature(key: PublicKey, payload: bytes, signature: bytes) -> str:
             except InvalidSignature:
                 continue
         raise VerificationError(
-            f"RSA signature (PKCS#1 v1.5 or PSS, SHA-256) does not verify with key {key_fingerprint(key)[:16]}",
+            f"RSA signature (PKCS#1 v1.5 or PSS, SHA-256) does not verify with key "
+            f"{key_fingerprint(key)[:16]}",
             code="signature-mismatch",
         )
     try:
@@ -158,7 +164,9 @@ def _check_private(key: object, what: str) -> PrivateKey:
     if isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey):
         check_key(key.public_key(), what)
         return key
-    raise KeyMaterialError(f"{what}: unsupported private key type {type(key).__name__}; use ECDSA, RSA or Ed25519")
+    raise KeyMaterialError(
+        f"{what}: unsupported private key type {type(key).__name__}; use ECDSA, RSA or Ed25519"
+    )
 
 
 def _password_bytes(password: str | bytes | None) -> bytes:
@@ -171,7 +179,9 @@ def _scrypt(password: bytes, salt: bytes, n: int) -> bytes:
     return hashlib.scrypt(password, salt=salt, n=n, r=8, p=1, maxmem=_SCRYPT_MAXMEM, dklen=32)
 
 
-def load_private_key(pem: str | bytes, password: str | bytes | None = None, what: str = "private key") -> PrivateKey:
+def load_private_key(
+    pem: str | bytes, password: str | bytes | None = None, what: str = "private key"
+) -> PrivateKey:
     """Read a cosign.key (encrypted, either PEM type) or an unencrypted PEM private key."""
     try:
         blocks = pem_blocks(pem)
@@ -230,7 +240,9 @@ def encrypt_private_key(key: PrivateKey, password: str | bytes | None, *, n: int
     if n not in SCRYPT_N_ALLOWED:
         raise KeyMaterialError(f"scrypt N={n} would not be readable by cosign; use one of {SCRYPT_N_ALLOWED}")
     _check_private(key, "private key")
-    der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    der = key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     salt, nonce = os.urandom(32), os.urandom(nacl.secret.SecretBox.NONCE_SIZE)
     box = nacl.secret.SecretBox(_scrypt(_password_bytes(password), salt, n))
     ciphertext = box.encrypt(der, nonce).ciphertext

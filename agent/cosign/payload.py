@@ -36,7 +36,9 @@ def _go_value(value: Any) -> str:
         return "{" + ",".join(f"{_go_string(k)}:{_go_value(v)}" for k, v in items) + "}"
     if value is None or isinstance(value, bool | int):
         return json.dumps(value)
-    raise TypeError(f"optional values must be strings, booleans, integers or objects, not {type(value).__name__}")
+    raise TypeError(
+        f"optional values must be strings, booleans, integers or objects, not {type(value).__name__}"
+    )
 
 
 def build_payload(docker_reference: str, digest: Digest, optional: Mapping[str, Any] | None = None) -> bytes:
@@ -80,7 +82,8 @@ def check_claims(
     found = image.get("docker-manifest-digest") if isinstance(image, dict) else None
     if found is None:
         raise VerificationError(
-            f"payload has no critical.image.docker-manifest-digest; expected {expected}", code="payload-invalid"
+            f"payload has no critical.image.docker-manifest-digest; expected {expected}",
+            code="payload-invalid",
         )
     if found != str(expected):
         raise VerificationError(

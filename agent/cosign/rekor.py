@@ -126,7 +126,9 @@ def _signer_matches(pem_b64: Any, signer: Signer, what: str) -> None:
         except (CertificateFormatError, ValueError):
             ok = False
     if not ok:
-        raise _fail(f"{what} names a different {'certificate' if signer.is_certificate else 'key'} than the signer")
+        raise _fail(
+            f"{what} names a different {'certificate' if signer.is_certificate else 'key'} than the signer"
+        )
 
 
 def _check_hash(spec: Any, path: tuple[str, ...], payload: bytes) -> None:
@@ -136,7 +138,14 @@ def _check_hash(spec: Any, path: tuple[str, ...], payload: bytes) -> None:
         raise _fail(f"entry records {algorithm}:{str(value)[:64]}, expected payload hash sha256:{expected}")
 
 
-def check_binding(body: bytes, *, signature: bytes, payload: bytes, signer: Signer) -> str:
+def check_binding(
+    body: bytes,
+    *,
+    signature: bytes,
+    payload: bytes,
+    signer: Signer,
+    kinds: Sequence[str] = ("hashedrekord", "rekord"),
+) -> str:
     """Is this Rekor entry body about this signature? Returns the entry kind; raises VerificationError.
 
     hashedrekord/rekord: signature over the payload. dsse: ``payload`` is the DSSE payload and
@@ -147,6 +156,8 @@ def check_binding(body: bytes, *, signature: bytes, payload: bytes, signer: Sign
     except DecodeError as exc:
         raise _fail(f"Rekor entry body: {exc}") from None
     kind, spec = _get(doc, "kind"), _get(doc, "spec")
+    if kind not in kinds:
+        raise _fail(f"Rekor entry kind is {str(kind)[:40]!r}, expected {' or '.join(kinds)}")
     if kind in ("hashedrekord", "rekord"):
         if _b64(_get(spec, "signature", "content"), "entry signature") != signature:
             raise _fail("Rekor entry holds a different signature than this one")
@@ -181,7 +192,9 @@ def verify_legacy_bundle(
     log_id = _get(doc, "Payload", "logID")
     if not isinstance(log_id, str):
         raise _fail("bundle Payload.logID must be a hex string")
-    verify_set(rekor, body_b64, t, index, log_id, _b64(_get(doc, "SignedEntryTimestamp"), "SignedEntryTimestamp"))
+    verify_set(
+        rekor, body_b64, t, index, log_id, _b64(_get(doc, "SignedEntryTimestamp"), "SignedEntryTimestamp")
+    )
     kind = check_binding(_b64(body_b64, "entry body"), signature=signature, payload=payload, signer=signer)
     return TlogEntry(t, index, rekor.log_id, kind)
 
@@ -189,7 +202,7 @@ def verify_legacy_bundle(
 def verify_bundle_entry(
     entry: Any, rekor: RekorKey, *, signature: bytes, payload: bytes, signer: Signer
 ) -> TlogEntry:
-    """Verify one v0.3 bundle ``tlogEntries`` item: promise (required), binding, inclusion proof if present."""
+    """Verify one v0.3 bundle ``tlogEntries`` item: promise (required), binding, inclusion proof (if any)."""
     log_id = _b64(_get(entry, "logId", "keyId"), "logId.keyId").hex()
     t = _int(_get(entry, "integratedTime"), "integratedTime")
     index = _int(_get(entry, "logIndex"), "logIndex")
@@ -199,7 +212,7 @@ def verify_bundle_entry(
         raise _fail("tlog entry has no inclusion promise (SET); an inclusion proof alone is not trusted here")
     set_sig = _b64(_get(promise, "signedEntryTimestamp"), "signedEntryTimestamp")
     verify_set(rekor, b64encode(body), t, index, log_id, set_sig)
-    kind = check_binding(body, signature=signature, payload=payload, signer=signer)
+    kind = check_binding(body, signature=signature, payload=payload, signer=signer, kinds=("dsse",))
     proof = entry.get("inclusionProof")
     if proof is not None:
         _verify_bundle_proof(proof, body, index)
