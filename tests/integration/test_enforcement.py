@@ -1,0 +1,236 @@
+"""Issue 2 on the real engine: allowlist enforcement by a running agent process."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.agentproc import AgentProcess, cli, wait_for, write_config
+from tests.support.dockerd import Dockerd
+
+pytestmark = pytest.mark.integration
+
+ALLOWED = "ig-test/allowed:1"
+OTHER = "ig-test/other:1"
+
+
+@pytest.fixture
+def setup(tmp_path: Path, engine: Dockerd, busybox_images: dict[str, str]) -> Iterator[tuple[Path, Dockerd]]:
+    config = write_config(
+        tmp_path / "config.toml",
+        {
+            "device": {"id": "test-device"},
+            "engine": {"url": engine.url},
+            "state": {"dir": str(tmp_path / "state")},
+            "enforcement": {"stop_grace_seconds": 0},
+        },
+    )
+    cli(config, "allowlist", "add", busybox_images[ALLOWED], "--comment", "test image", check=True)
+    yield config, engine
+
+
+@pytest.fixture
+def agent(setup: tuple[Path, Dockerd], tmp_path: Path) -> Iterator[AgentProcess]:
+    config, _ = setup
+    proc = AgentProcess(config, tmp_path / "agent.log").start()
+    yield proc
+    if proc.proc is not None:
+        assert proc.stop() == 0, proc.log()
+
+
+def exists(engine: Dockerd, name: str) -> bool:
+    return engine.docker("inspect", name, check=False).returncode == 0
+
+
+def running(engine: Dockerd, name: str) -> bool:
+    out = engine.docker("inspect", "--format", "{{.State.Running}}", name, check=False)
+    return out.returncode == 0 and out.stdout.strip() == "true"
+
+
+def gone(engine: Dockerd, name: str, timeout: float = 15) -> None:
+    wait_for(lambda: not exists(engine, name), timeout, what=f"container {name} to be removed")
+
+
+def decisions(config: Path) -> list[dict]:
+    out = cli(config, "decisions", "--limit", "1000", "--json", check=True)
+    return json.loads(out.stdout)["decisions"]
+
+
+def test_allowed_keeps_running_and_unlisted_is_removed(
+    agent: AgentProcess, setup: tuple[Path, Dockerd]
+) -> None:
+    config, engine = setup
+    engine.docker("run", "-d", "--name", "good", ALLOWED)
+    engine.docker("run", "-d", "--name", "bad", OTHER)
+    gone(engine, "bad")
+    assert running(engine, "good")
+    by_name = {d["container"]["name"]: d for d in decisions(config)}
+    assert by_name["bad"]["verdict"] == "blocked"
+    assert by_name["bad"]["reason"] == "not-allowlisted"
+    assert by_name["good"]["verdict"] == "allowed"
+    assert by_name["good"]["reason"] == "allowlisted"
+    record = by_name["bad"]
+    for key in ("id", "time", "device", "image", "digests", "policy_version"):
+        assert record[key], key
+    assert record["container"]["id"]
+    assert record["device"] == "test-device"
+
+
+@pytest.mark.parametrize("how", ["run --rm", "create+start"])
+def test_unlisted_removed_however_started(agent: AgentProcess, setup: tuple[Path, Dockerd], how: str) -> None:
+    _, engine = setup
+    if how == "run --rm":
+        engine.docker("run", "-d", "--rm", "--name", "victim", OTHER)
+    else:
+        engine.docker("create", "--name", "victim", OTHER)
+        engine.docker("start", "victim")
+    gone(engine, "victim")
+
+
+def test_old_stopped_container_started_again(agent: AgentProcess, setup: tuple[Path, Dockerd]) -> None:
+    """An allowed container restarted later keeps running; once its digest is withdrawn it is removed."""
+    config, engine = setup
+    engine.docker("run", "-d", "--name", "old", ALLOWED)
+    engine.docker("stop", "-t", "0", "old")
+    engine.docker("start", "old")
+    agent.wait_log("allowed container old", count=2)
+    assert running(engine, "old")
+    engine.docker("stop", "-t", "0", "old")
+    image_id = engine.image_id(ALLOWED)
+    cli(config, "allowlist", "remove", image_id, check=True)
+    gone(engine, "old")  # stopped, yet removed by the rescan the removal triggers
+
+
+def test_startup_scan(setup: tuple[Path, Dockerd], tmp_path: Path) -> None:
+    config, engine = setup
+    engine.docker("run", "-d", "--name", "pre-running-bad", OTHER)
+    engine.docker("create", "--name", "pre-stopped-bad", OTHER)
+    engine.docker("run", "-d", "--name", "pre-running-good", ALLOWED)
+    engine.docker("create", "--name", "pre-stopped-good", ALLOWED)
+    proc = AgentProcess(config, tmp_path / "agent.log").start()
+    try:
+        assert not exists(engine, "pre-running-bad")
+        assert not exists(engine, "pre-stopped-bad")
+        assert running(engine, "pre-running-good")
+        assert exists(engine, "pre-stopped-good")
+    finally:
+        assert proc.stop() == 0
+
+
+def test_runtime_allowlist_changes(agent: AgentProcess, setup: tuple[Path, Dockerd]) -> None:
+    config, engine = setup
+    engine.docker("run", "-d", "--name", "a1", ALLOWED)
+    agent.wait_log("allowed container a1")
+    cli(config, "allowlist", "remove", engine.image_id(ALLOWED), check=True)
+    gone(engine, "a1", timeout=5)  # "within a second" plus engine time
+    other = engine.image_id(OTHER)
+    cli(config, "allowlist", "add", other, check=True)
+    agent.wait_log("policy reloaded", count=2, timeout=5)
+    engine.docker("run", "-d", "--name", "o1", OTHER)
+    agent.wait_log("allowed container o1")
+    assert running(engine, "o1")
+
+
+def test_audit_mode_records_would_block(agent: AgentProcess, setup: tuple[Path, Dockerd]) -> None:
+    config, engine = setup
+    cli(config, "enforcement", "--mode", "audit", check=True)
+    agent.wait_log("policy reloaded", timeout=5)
+    engine.docker("run", "-d", "--name", "audited", OTHER)
+    agent.wait_log("audit: container audited (")
+    assert running(engine, "audited")
+    verdicts = [d for d in decisions(config) if d["container"]["name"] == "audited"]
+    assert verdicts and verdicts[0]["verdict"] == "would-block" and verdicts[0]["mode"] == "audit"
+    # switching back to enforce rescans and removes it
+    cli(config, "enforcement", "--mode", "enforce", check=True)
+    gone(engine, "audited")
+
+
+def test_dockerd_restart_while_agent_runs(agent: AgentProcess, setup: tuple[Path, Dockerd]) -> None:
+    _, engine = setup
+    engine.stop()
+    engine.start()
+    # started before the agent can have reconnected: caught by the replay or the rescan
+    engine.docker("run", "-d", "--name", "during-outage", OTHER)
+    gone(engine, "during-outage", timeout=30)
+    agent.wait_log("following engine events again", timeout=30)
+
+
+def test_restart_after_kill9_enforces_from_stored_state(setup: tuple[Path, Dockerd], tmp_path: Path) -> None:
+    config, engine = setup
+    proc = AgentProcess(config, tmp_path / "agent.log").start()
+    engine.docker("run", "-d", "--name", "keep", ALLOWED)
+    proc.wait_log("allowed container keep")
+    proc.kill9()
+    engine.docker("run", "-d", "--name", "sneaked-in", OTHER)
+    # no network at all: a fresh network namespace with only a down loopback (the engine is a Unix socket)
+    wrapper = ["unshare", "--net"] if shutil.which("unshare") else []
+    again = AgentProcess(config, tmp_path / "agent2.log", wrapper=wrapper).start()
+    try:
+        assert not exists(engine, "sneaked-in")
+        assert running(engine, "keep")
+    finally:
+        assert again.stop() == 0
+
+
+def test_docker_load_image_allowed_by_image_id(setup: tuple[Path, Dockerd], tmp_path: Path) -> None:
+    config, engine = setup
+    image_id = engine.build_image("ig-test/loaded:1", "loaded")
+    archive = tmp_path / "loaded.tar"
+    engine.docker("save", "-o", str(archive), "ig-test/loaded:1")
+    engine.docker("rmi", "ig-test/loaded:1")
+    engine.docker("load", "-i", str(archive))
+    repo_digests = engine.docker("image", "inspect", "--format", "{{json .RepoDigests}}", image_id).stdout
+    assert json.loads(repo_digests) == []
+    cli(config, "allowlist", "add", image_id, check=True)
+    proc = AgentProcess(config, tmp_path / "agent.log").start()
+    try:
+        engine.docker("run", "-d", "--name", "loaded", "ig-test/loaded:1")
+        proc.wait_log("allowed container loaded")
+        assert running(engine, "loaded")
+    finally:
+        assert proc.stop() == 0
+        engine.docker("rm", "-f", "loaded", check=False)
+
+
+def test_scan_cli_dry_run_and_real(setup: tuple[Path, Dockerd]) -> None:
+    config, engine = setup
+    engine.docker("run", "-d", "--name", "s-bad", OTHER)
+    engine.docker("run", "-d", "--name", "s-good", ALLOWED)
+    dry = cli(config, "scan", "--dry-run", "--json")
+    assert dry.returncode == 1, dry.stderr
+    verdicts = {d["container"]["name"]: d["verdict"] for d in json.loads(dry.stdout)["decisions"]}
+    assert verdicts == {"s-bad": "blocked", "s-good": "allowed"}
+    assert exists(engine, "s-bad")
+    assert decisions(config) == []  # a dry run records nothing
+    real = cli(config, "scan")
+    assert real.returncode == 1
+    assert not exists(engine, "s-bad") and running(engine, "s-good")
+    assert cli(config, "scan").returncode == 0
+
+
+def test_status_reports_agent_and_engine(agent: AgentProcess, setup: tuple[Path, Dockerd]) -> None:
+    config, _ = setup
+    out = cli(config, "status", "--json")
+    assert out.returncode == 0, out.stderr
+    status = json.loads(out.stdout)
+    assert status["agent"]["running"] and status["engine"]["reachable"]
+    assert status["policy"]["allowlist"] == 1
+
+
+def test_sigterm_stops_cleanly(agent: AgentProcess) -> None:
+    assert agent.stop() == 0
+    assert "ImageGuard stopped" in agent.log()
+
+
+def test_second_agent_on_same_state_is_refused(agent: AgentProcess, setup: tuple[Path, Dockerd]) -> None:
+    config, _ = setup
+    out = subprocess.run(
+        ["python", "-m", "agent", "--config", str(config), "run"], capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 2
+    assert "already running" in out.stderr
