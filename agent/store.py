@@ -84,7 +84,11 @@ class Store:
         old_umask = os.umask(0o077)
         try:
             self._db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
-            self._init()
+            try:
+                self._init()
+            except BaseException:
+                self._db.close()
+                raise
         except sqlite3.DatabaseError as exc:
             raise StateError(
                 f"state database {self.path} is unreadable or corrupt ({exc}); move it aside to start "
@@ -100,18 +104,21 @@ class Store:
     def _init(self) -> None:
         db = self._db
         db.execute("PRAGMA busy_timeout = 10000")
-        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if mode != "wal":
-            raise StateError(f"state database {self.path}: cannot switch to WAL mode (got {mode})")
-        db.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: consistent after any crash
-        db.execute("PRAGMA foreign_keys = ON")
+        # every check reads only: a file we refuse must be left exactly as it was (switching to WAL
+        # rewrites the header, so it comes after the checks)
         row = db.execute("PRAGMA quick_check").fetchone()
         if row is None or row[0] != "ok":
             raise sqlite3.DatabaseError(f"integrity check failed: {row[0] if row else 'no answer'}")
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         if "meta" in tables:
             found = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-            version = int(found[0]) if found else 0
+            try:
+                version = int(found[0]) if found else 0
+            except (TypeError, ValueError):
+                raise StateError(
+                    f"state database {self.path} has an unreadable schema_version {found[0]!r}; "
+                    "move it aside to start with an empty state, or restore it from a backup"
+                ) from None
             if version > SCHEMA_VERSION:
                 raise StateError(
                     f"state database {self.path} was written by a newer ImageGuard (schema {version}, this "
@@ -119,6 +126,11 @@ class Store:
                 )
         elif tables:
             raise StateError(f"{self.path} is an SQLite database, but not an ImageGuard state database")
+        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode != "wal":
+            raise StateError(f"state database {self.path}: cannot switch to WAL mode (got {mode})")
+        db.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: consistent after any crash
+        db.execute("PRAGMA foreign_keys = ON")
         with self.transaction() as tx:
             for statement in _split(_SCHEMA):
                 tx.execute(statement)
