@@ -18,17 +18,22 @@ class Digest:
     value: str
 
     def __post_init__(self) -> None:
+        if not isinstance(self.value, str):
+            raise DigestError(
+                f"invalid digest {_shown(self.value)}: expected a string like 'sha256:<64 hex>'"
+            )
         algo, _, hexpart = self.value.partition(":")
         if algo != "sha256" or not _HEX64.fullmatch(hexpart):
             raise DigestError(
-                f"invalid digest {self.value!r}: expected 'sha256:' followed by 64 hex characters"
+                f"invalid digest {_shown(self.value)}: "
+                "expected 'sha256:' followed by 64 lowercase hex characters"
             )
 
     @classmethod
     def parse(cls, text: object) -> Digest:
         """Parse user or peer input, normalising case and surrounding/inner whitespace."""
         if not isinstance(text, str):
-            raise DigestError(f"invalid digest {text!r}: expected a string like 'sha256:<64 hex>'")
+            raise DigestError(f"invalid digest {_shown(text)}: expected a string like 'sha256:<64 hex>'")
         cleaned = "".join(text.split()).lower()
         if not cleaned:
             raise DigestError("invalid digest '': expected 'sha256:' followed by 64 hex characters")
@@ -51,3 +56,9 @@ class Digest:
 
     def __str__(self) -> str:
         return self.value
+
+
+def _shown(value: object) -> str:
+    # peer input can be huge: an error message quotes only its start
+    text = repr(value)
+    return text if len(text) <= 90 else text[:80] + "...(" + str(len(text)) + " characters)"

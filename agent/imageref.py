@@ -29,9 +29,9 @@ class ImageRef:
         raw = text.strip()
         if not raw or len(raw) > 1024 or any(c.isspace() for c in raw):
             raise ImageRefError(f"invalid image reference {text!r}: expected [registry/]name[:tag][@digest]")
-        rest, _, digest_text = raw.partition("@")
+        rest, at, digest_text = raw.partition("@")
         digest = None
-        if digest_text:
+        if at:
             try:
                 digest = Digest.parse(digest_text)
             except DigestError as exc:
@@ -93,4 +93,7 @@ def scope_matches(pattern: str, ref: ImageRef) -> bool:
             return ImageRef.parse(pattern).name == ref.name
         except ImageRefError:
             return False
-    return fnmatch.fnmatchcase(ref.name, pattern) or fnmatch.fnmatchcase(ref.name, f"{DEFAULT_REGISTRY}/{pattern}")
+    candidates = [pattern, f"{DEFAULT_REGISTRY}/{pattern}"]
+    if "/" not in pattern:  # a one-component pattern names official images, like ``busybox`` does
+        candidates.append(f"{DEFAULT_REGISTRY}/library/{pattern}")
+    return any(fnmatch.fnmatchcase(ref.name, c) for c in candidates)

@@ -153,7 +153,7 @@ class PolicyLayer:
             enforcement = Enforcement(**doc["enforcement"])
         return cls(
             name=name,
-            version=doc["version"],
+            version=int(doc["version"]),  # JSON Schema counts 3.0 as an integer
             enforcement=enforcement,
             allowlist=tuple(entries.values()),
             trust_anchors=tuple(anchors.values()),
@@ -184,7 +184,7 @@ class PolicyLayer:
 
     def bumped(self, **changes: Any) -> PolicyLayer:
         """A copy with ``changes`` applied and the version increased by one (local edits)."""
-        fields = {
+        fields: dict[str, Any] = {
             "name": self.name,
             "version": self.version + 1,
             "enforcement": self.enforcement,
