@@ -19,8 +19,8 @@ from typing import Any
 from agent import __version__
 from agent.config import Config
 from agent.decision import rescan_reason
-from agent.engine import Engine
 from agent.enforcer import Enforcer, Verifier
+from agent.engine import Engine
 from agent.errors import StateError
 from agent.events import ContainerEvent
 from agent.monitor import Monitor
@@ -49,7 +49,9 @@ class AgentLock:
                 f"another ImageGuard agent is already running on {self.path.parent} ({read_lock(self.path)})"
             ) from None
         os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "started": time.time(), "version": __version__}).encode())
+        os.write(
+            fd, json.dumps({"pid": os.getpid(), "started": time.time(), "version": __version__}).encode()
+        )
         self._fd = fd
 
     def release(self) -> None:
@@ -164,11 +166,17 @@ class Agent:
         e = policy.enforcement
         log.info(
             "ImageGuard %s started: device %s, policy version %d, %d allowlisted digests, %d trust anchors, %s",
-            __version__, self.config.device.id, policy.version, len(policy.allowlist), len(policy.trust_anchors),
+            __version__,
+            self.config.device.id,
+            policy.version,
+            len(policy.allowlist),
+            len(policy.trust_anchors),
             f"mode {e.mode}" if e.enabled else "enforcement off",
         )
         if e.enabled and not policy.allowlist and not policy.trust_anchors:
-            log.warning("the allowlist is empty and no trust anchor is configured: every container will be blocked")
+            log.warning(
+                "the allowlist is empty and no trust anchor is configured: every container will be blocked"
+            )
 
     def _on_event(self, event: ContainerEvent) -> None:
         assert self.enforcer is not None

@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"imageguard {__version__}")
     parser.add_argument(
-        "--config", metavar="FILE", help=f"configuration file (default {config_mod.DEFAULT_CONFIG_PATH} if present)"
+        "--config",
+        metavar="FILE",
+        help=f"configuration file (default {config_mod.DEFAULT_CONFIG_PATH} if present)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     cli_agent.register(sub)

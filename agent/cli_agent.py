@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from typing import Any
 
 from agent import __version__, logs
-from agent.cli import EXIT_ERROR, EXIT_NEGATIVE, EXIT_OK, emit, json_flag, load_config, read_json_file
+from agent.cli import EXIT_NEGATIVE, EXIT_OK, emit, json_flag, load_config, read_json_file
 from agent.config import Config
 from agent.digest import Digest
 from agent.errors import EngineError, PolicyError
@@ -20,13 +19,17 @@ from agent.store import Store
 
 def register(sub: Any) -> None:
     p = sub.add_parser("run", help="run the agent (monitor the engine and enforce the policy)")
-    p.add_argument("--policy", metavar="FILE", help="import this policy document at start (if its version is newer)")
+    p.add_argument(
+        "--policy", metavar="FILE", help="import this policy document at start (if its version is newer)"
+    )
     p.add_argument("--log-format", choices=["text", "json"], help="log format (default: from config, text)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="log level")
     p.set_defaults(handler=cmd_run)
 
     p = sub.add_parser("scan", help="decide on every container now and remove those not allowed")
-    p.add_argument("--dry-run", action="store_true", help="only report what would happen: no action, nothing recorded")
+    p.add_argument(
+        "--dry-run", action="store_true", help="only report what would happen: no action, nothing recorded"
+    )
     json_flag(p)
     p.set_defaults(handler=cmd_scan)
 
@@ -47,14 +50,18 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser("enforcement", help="show or switch enforcement (enabled, mode)")
     p.add_argument("--enable", dest="enabled", action="store_const", const=True, help="switch enforcement on")
-    p.add_argument("--disable", dest="enabled", action="store_const", const=False, help="switch enforcement off")
+    p.add_argument(
+        "--disable", dest="enabled", action="store_const", const=False, help="switch enforcement off"
+    )
     p.add_argument("--mode", choices=["enforce", "audit"], help="enforce: remove; audit: only record")
     json_flag(p)
     p.set_defaults(handler=cmd_enforcement)
 
     p = sub.add_parser("policy", help="import or export the device policy document")
     psub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    q = psub.add_parser("import", help="replace the device policy with a document (its version must be newer)")
+    q = psub.add_parser(
+        "import", help="replace the device policy with a document (its version must be newer)"
+    )
     q.add_argument("file", metavar="FILE", help="policy JSON ('-' for standard input)")
     json_flag(q)
     q.set_defaults(handler=cmd_policy_import)
@@ -84,7 +91,11 @@ def _positive(text: str) -> int:
 
 def _service(cfg: Config) -> Service:
     store = Store(cfg.state_dir, outbox_limit=cfg.mqtt.outbox_limit if cfg.mqtt else 10_000)
-    return Service(cfg, store, telemetry=cfg.mqtt is not None, on_change=lambda: notify_agent(cfg.state_dir))
+
+    def wake_agent() -> None:
+        notify_agent(cfg.state_dir)
+
+    return Service(cfg, store, telemetry=cfg.mqtt is not None, on_change=wake_agent)
 
 
 def _applied_text(r: ApplyResult) -> str:
@@ -114,15 +125,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_scan(args: argparse.Namespace) -> int:
     cfg = load_config(args)
-    from agent.engine import Engine
     from agent.enforcer import Enforcer
+    from agent.engine import Engine
     from agent.verification import build_verifier
 
     service = _service(cfg)
     engine = Engine(cfg.engine.url, cfg.engine.timeout_seconds)
     enforcer = Enforcer(
-        engine, service.store, service.effective(), cfg.enforcement, device=cfg.device.id,
-        verifier=build_verifier(cfg), telemetry=cfg.mqtt is not None,
+        engine,
+        service.store,
+        service.effective(),
+        cfg.enforcement,
+        device=cfg.device.id,
+        verifier=build_verifier(cfg),
+        telemetry=cfg.mqtt is not None,
     )
     try:
         results = enforcer.scan(dry_run=args.dry_run)
@@ -138,7 +154,11 @@ def cmd_scan(args: argparse.Namespace) -> int:
             for r in records
         ]
         head = "dry run: nothing was changed\n" if args.dry_run else ""
-        return head + ("\n".join(lines) if lines else "no containers") + f"\n{len(not_allowed)} of {len(records)} not allowed"
+        return (
+            head
+            + ("\n".join(lines) if lines else "no containers")
+            + f"\n{len(not_allowed)} of {len(records)} not allowed"
+        )
 
     emit(args, {"dry_run": args.dry_run, "decisions": records}, text)
     return EXIT_NEGATIVE if not_allowed else EXIT_OK
@@ -153,7 +173,10 @@ def cmd_allowlist_list(args: argparse.Namespace) -> int:
     emit(
         args,
         {"allowlist": entries, "policy_version": service.effective().version},
-        lambda: "\n".join(f"{e['digest']}  {e['layer']:<12} {e['comment']}" for e in entries) or "allowlist is empty",
+        lambda: (
+            "\n".join(f"{e['digest']}  {e['layer']:<12} {e['comment']}" for e in entries)
+            or "allowlist is empty"
+        ),
     )
     return EXIT_OK
 
@@ -240,7 +263,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     def text() -> str:
         a = status["agent"]
-        running = f"running (pid {a.get('pid')}, since {time.ctime(a['started'])})" if a["running"] else "not running"
+        running = (
+            f"running (pid {a.get('pid')}, since {time.ctime(a['started'])})"
+            if a["running"]
+            else "not running"
+        )
         e = status["engine"]
         eng = f"reachable (Docker {e.get('version')})" if e["reachable"] else f"UNREACHABLE: {e.get('error')}"
         p = status["policy"]
@@ -269,13 +296,13 @@ def cmd_decisions(args: argparse.Namespace) -> int:
     rows = [rec for _, rec in service.store.decisions(args.limit)]
 
     def text() -> str:
-        return "\n".join(
-            f"{r['time']}  {r['verdict']:<11} {r['container']['name'][:28]:<28} {r['image'][:36]:<36} {r['reason']}"
-            for r in rows
-        ) or "no decisions recorded"
+        return (
+            "\n".join(
+                f"{r['time']}  {r['verdict']:<11} {r['container']['name'][:28]:<28} {r['image'][:36]:<36} {r['reason']}"
+                for r in rows
+            )
+            or "no decisions recorded"
+        )
 
     emit(args, {"decisions": rows}, text)
     return EXIT_OK
-
-
-_ = (sys, EXIT_ERROR)

@@ -71,7 +71,9 @@ class RegistryConfig:
         if self.password_env is not None:
             value = os.environ.get(self.password_env)
             if value is None:
-                raise ConfigError(f"registry {self.host}: environment variable {self.password_env} is not set")
+                raise ConfigError(
+                    f"registry {self.host}: environment variable {self.password_env} is not set"
+                )
             return value
         return None
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Literal
 
 from agent.digest import Digest
@@ -19,7 +19,7 @@ from agent.policy import EffectivePolicy, TrustAnchor
 Verdict = Literal["allowed", "blocked", "would-block"]
 
 
-class Reason(str, Enum):
+class Reason(StrEnum):
     """Stable reason codes: telemetry carries them and the console counts them."""
 
     ENFORCEMENT_DISABLED = "enforcement-disabled"
@@ -115,13 +115,17 @@ def decide(facts: ContainerFacts, policy: EffectivePolicy, evidence: Evidence = 
     if not policy.enforcement.enabled:
         return Decision("allowed", Reason.ENFORCEMENT_DISABLED, "enforcement is switched off", digests)
     if not digests:
-        return Decision(_negative(policy), Reason.NO_DIGEST, "the engine reports no digest for the image", digests)
+        return Decision(
+            _negative(policy), Reason.NO_DIGEST, "the engine reports no digest for the image", digests
+        )
     for d in digests:
         if d in policy.allowlist:
             return Decision("allowed", Reason.ALLOWLISTED, f"{d} is on the allowlist", digests, matched=d)
     for d in digests:
         if d in policy.instance_digests:
-            return Decision("allowed", Reason.INSTANCE_DIGEST, f"{d} is pinned by an enabled instance", digests, d)
+            return Decision(
+                "allowed", Reason.INSTANCE_DIGEST, f"{d} is pinned by an enabled instance", digests, d
+            )
     for d in digests:
         for record in evidence.verified.get(d, ()):
             if _still_trusted(record, policy):

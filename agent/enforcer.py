@@ -14,6 +14,7 @@ import zlib
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 from agent.config import EnforcementConfig
@@ -58,7 +59,9 @@ class Lanes:
     """N single-thread queues; a key always maps to the same lane."""
 
     def __init__(self, count: int, name: str = "lane") -> None:
-        self._queues: list[queue.SimpleQueue[Callable[[], None] | None]] = [queue.SimpleQueue() for _ in range(count)]
+        self._queues: list[queue.SimpleQueue[Callable[[], None] | None]] = [
+            queue.SimpleQueue() for _ in range(count)
+        ]
         self._threads = [
             threading.Thread(target=self._run, args=(q,), name=f"{name}-{i}", daemon=True)
             for i, q in enumerate(self._queues)
@@ -154,7 +157,9 @@ class Enforcer:
     def scan(self, *, dry_run: bool = False, trigger: str = "scan") -> list[Handled]:
         """Decide (and unless ``dry_run``, act) on every container, running or stopped."""
         ids = self.engine.container_ids()
-        futures = [self._lanes.submit(cid, lambda cid=cid: self.handle(cid, trigger, dry_run=dry_run)) for cid in ids]
+        futures = [
+            self._lanes.submit(cid, partial(self.handle, cid, trigger, dry_run=dry_run)) for cid in ids
+        ]
         results = []
         for fut in futures:
             try:
@@ -181,7 +186,10 @@ class Enforcer:
         if decision.pending:
             if dry_run:
                 decision = Decision(
-                    None, Reason.NOT_ALLOWLISTED, "would be verified against its trust anchors", decision.digests,
+                    None,
+                    Reason.NOT_ALLOWLISTED,
+                    "would be verified against its trust anchors",
+                    decision.digests,
                     verify=decision.verify,
                 )
                 return Handled(self._record(decision, facts, policy, trigger, "none"), decision, facts)
@@ -222,7 +230,9 @@ class Enforcer:
             except EngineError as exc:
                 log.error("could not remove blocked container %s: %s", name, exc)
                 return
-            log.warning("blocked container %s (%s): %s; %s", name, facts.image, decision.reason.value, outcome)
+            log.warning(
+                "blocked container %s (%s): %s; %s", name, facts.image, decision.reason.value, outcome
+            )
         elif action == "unpause":
             try:
                 self.engine.unpause(facts.id)
@@ -264,7 +274,9 @@ class Enforcer:
 
     def _run_verifier(self, targets: tuple[VerifyTarget, ...]) -> VerificationOutcome:
         if self.verifier is None:
-            outcome = VerificationOutcome(None, Reason.VERIFICATION_ERROR, "signature verification is not available")
+            outcome = VerificationOutcome(
+                None, Reason.VERIFICATION_ERROR, "signature verification is not available"
+            )
         else:
             try:
                 outcome = self.verifier.verify(targets, self.settings.verify_timeout_seconds)
@@ -280,7 +292,8 @@ class Enforcer:
                     if t.ref.digest is not None:
                         anchors = frozenset(a.name for a in t.anchors)
                         self._failures[t.ref.digest] = (
-                            FailedVerification(outcome.reason, outcome.detail, anchors), expires
+                            FailedVerification(outcome.reason, outcome.detail, anchors),
+                            expires,
                         )
         return outcome
 

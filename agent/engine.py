@@ -41,7 +41,9 @@ class Engine:
         client = getattr(self._local, "client", None)
         if client is None:
             try:
-                client = docker.APIClient(base_url=self.url, version=self._version or "auto", timeout=self.timeout)
+                client = docker.APIClient(
+                    base_url=self.url, version=self._version or "auto", timeout=self.timeout
+                )
             except docker.errors.DockerException as exc:
                 raise EngineError(f"cannot reach the Docker engine at {self.url}: {exc}") from None
             self._version = client.api_version
@@ -139,9 +141,7 @@ class Engine:
         """Open the event stream (container start events only), replaying from ``since`` if given."""
         client = docker.APIClient(base_url=self.url, version=self._version or "auto", timeout=None)
         filters = {"type": ["container"], "event": ["start"]}
-        stream = self._call(
-            "stream events", client.events, since=since, filters=filters, decode=True
-        )
+        stream = self._call("stream events", client.events, since=since, filters=filters, decode=True)
         return EventStream(client, stream)
 
 

@@ -7,6 +7,7 @@ only make the agent re-read its own database.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import socket
@@ -60,10 +61,8 @@ class Listener:
 
     def close(self) -> None:
         self._closed = True
-        try:
-            # recv() does not return on close(): send ourselves a last datagram
+        # recv() does not return on close(): send ourselves a last datagram
+        with contextlib.suppress(OSError):
             self._sock.sendto(b"close", self._sock.getsockname())
-        except OSError:
-            pass
         self._thread.join(timeout=2)
         self._sock.close()

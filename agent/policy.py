@@ -54,7 +54,9 @@ class Identity:
     issuer_regexp: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k in ("subject", "subject_regexp", "issuer", "issuer_regexp") if (v := getattr(self, k))}
+        return {
+            k: v for k in ("subject", "subject_regexp", "issuer", "issuer_regexp") if (v := getattr(self, k))
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +104,9 @@ class TrustAnchor:
                     try:
                         re.compile(ident[key])
                     except re.error as exc:
-                        raise PolicyError(f"{where}: {key} is not a valid regular expression: {exc}") from None
+                        raise PolicyError(
+                            f"{where}: {key} is not a valid regular expression: {exc}"
+                        ) from None
         if d["kind"] == "key" and d.get("intermediates"):
             raise PolicyError(f"{where}: intermediates only apply to kind 'ca'")
         return cls(
@@ -144,7 +148,9 @@ class PolicyLayer:
         anchors: dict[str, TrustAnchor] = {}
         for i, a in enumerate(doc.get("trust_anchors", ())):
             if a["name"] in anchors:
-                raise PolicyError(f"{what}: at /trust_anchors/{i}/name: anchor {a['name']!r} is defined twice")
+                raise PolicyError(
+                    f"{what}: at /trust_anchors/{i}/name: anchor {a['name']!r} is defined twice"
+                )
             anchors[a["name"]] = TrustAnchor.from_dict(a, f"{what}: at /trust_anchors/{i}")
         enforcement = None
         if "enforcement" in doc:

@@ -291,6 +291,10 @@ class RegistryClient:
         if resp is None:
             return None
         manifest = parse_manifest(resp.body, _content_type(resp.headers), what)
+        if manifest.media_type not in accept:
+            raise RegistryError(
+                f"{what}: expected {' or '.join(accept)}, the registry sent {manifest.media_type}"
+            )
         if isinstance(reference, Digest) and manifest.digest != reference:
             raise _mismatch(what, reference, manifest.digest)
         announced = resp.headers.get("Docker-Content-Digest")
@@ -505,7 +509,10 @@ class RegistryClient:
                 return None
             return _basic(*creds)
         if kind == "bearer":
-            token = self._tokens.get((host, scope))
+            # a pull,push token also serves pulls, so a signer's reads need no second token
+            token = self._tokens.get((host, scope)) or self._tokens.get(
+                (host, scope.replace(":pull", ":pull,push"))
+            )
             if token is None or token.expires <= time.monotonic():
                 token = self._fetch_token(host, params, scope, deadline)
                 self._tokens[(host, scope)] = token

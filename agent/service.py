@@ -107,17 +107,26 @@ class Service:
         if result.status == "applied":
             log.info(
                 "policy layer %s version %d applied (from %s, %d verified digests revoked)",
-                layer.name, layer.version, source, result.revoked,
+                layer.name,
+                layer.version,
+                source,
+                result.revoked,
             )
             if self.on_change:
                 self.on_change()
         return result
 
-    def _ack(self, tx: Any, layer: PolicyLayer, status: str, policy_version: int, source: str, now: str) -> None:
+    def _ack(
+        self, tx: Any, layer: PolicyLayer, status: str, policy_version: int, source: str, now: str
+    ) -> None:
         if self.telemetry:
             msg = policy_event(
-                device=self.config.device.id, layer=layer.name, version=layer.version, status=status,
-                policy_version=policy_version, source=source,
+                device=self.config.device.id,
+                layer=layer.name,
+                version=layer.version,
+                status=status,
+                policy_version=policy_version,
+                source=source,
             )
             self.store.enqueue(tx, msg, now)
 
@@ -127,9 +136,14 @@ class Service:
         if not self.telemetry:
             return
         msg = policy_event(
-            device=self.config.device.id, layer=layer, version=version if version is not None else -1,
-            status="rejected", policy_version=self.store.layer(DEVICE_LAYER).version, source=source,
-            reason=error.code, detail=str(error),
+            device=self.config.device.id,
+            layer=layer,
+            version=version if version is not None else -1,
+            status="rejected",
+            policy_version=self.store.layer(DEVICE_LAYER).version,
+            source=source,
+            reason=error.code,
+            detail=str(error),
         )
         self.store.outbox_add([msg], utc_now())
 
@@ -141,7 +155,9 @@ class Service:
         try:
             parsed = PolicyLayer.from_document(doc, layer, what="policy document")
         except ImageGuardError as exc:
-            version = doc.get("version") if isinstance(doc, dict) and isinstance(doc.get("version"), int) else None
+            version = (
+                doc.get("version") if isinstance(doc, dict) and isinstance(doc.get("version"), int) else None
+            )
             self.record_rejection(layer, version, exc, source)
             raise
         return self.apply_layer(parsed, source=source)
@@ -150,7 +166,9 @@ class Service:
         current = self.store.layer(DEVICE_LAYER)
         return self.apply_layer(current.bumped(**changes), source=source)
 
-    def allowlist_add(self, digests: Iterable[Digest], comment: str = "", *, source: str = "cli") -> ApplyResult:
+    def allowlist_add(
+        self, digests: Iterable[Digest], comment: str = "", *, source: str = "cli"
+    ) -> ApplyResult:
         current = self.store.layer(DEVICE_LAYER)
         entries = {e.digest: e for e in current.allowlist}
         added = False
@@ -169,7 +187,9 @@ class Service:
             raise PolicyError(f"{digest} is not on the device allowlist", code="not-found")
         return self._edit(source, allowlist=kept)
 
-    def set_enforcement(self, *, enabled: bool | None = None, mode: str | None = None, source: str = "cli") -> ApplyResult:
+    def set_enforcement(
+        self, *, enabled: bool | None = None, mode: str | None = None, source: str = "cli"
+    ) -> ApplyResult:
         current = self.effective().enforcement
         new = Enforcement(
             enabled=current.enabled if enabled is None else enabled,

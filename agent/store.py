@@ -223,7 +223,8 @@ class Store:
             self._inserts += 1
             if self._inserts % 1000 == 0:
                 tx.execute(
-                    "DELETE FROM decisions WHERE seq <= (SELECT MAX(seq) FROM decisions) - ?", (MAX_DECISIONS,)
+                    "DELETE FROM decisions WHERE seq <= (SELECT MAX(seq) FROM decisions) - ?",
+                    (MAX_DECISIONS,),
                 )
 
     def decisions(self, limit: int = 50, before_seq: int | None = None) -> list[tuple[int, dict[str, Any]]]:
@@ -232,7 +233,8 @@ class Store:
             rows = self._query("SELECT seq, record FROM decisions ORDER BY seq DESC LIMIT ?", (limit,))
         else:
             rows = self._query(
-                "SELECT seq, record FROM decisions WHERE seq < ? ORDER BY seq DESC LIMIT ?", (before_seq, limit)
+                "SELECT seq, record FROM decisions WHERE seq < ? ORDER BY seq DESC LIMIT ?",
+                (before_seq, limit),
             )
         return [(int(seq), json.loads(rec)) for seq, rec in rows]
 
@@ -348,4 +350,6 @@ def _prepare_dir(state_dir: Path) -> None:
         try:
             os.chmod(state_dir, 0o700)
         except OSError as exc:
-            raise StateError(f"state directory {state_dir} is accessible to others and cannot be fixed: {exc}") from None
+            raise StateError(
+                f"state directory {state_dir} is accessible to others and cannot be fixed: {exc}"
+            ) from None

@@ -38,18 +38,25 @@ def _toml(v: Any) -> str:
     return json.dumps(str(v))
 
 
-def cli(config: Path, *args: str, check: bool = False, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def cli(
+    config: Path, *args: str, check: bool = False, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     """Run ``imageguard --config CONFIG ARGS...`` and return the finished process."""
     result = subprocess.run(
         [sys.executable, "-m", "agent", "--config", str(config), *args],
-        capture_output=True, text=True, timeout=timeout, cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
     )
     if check and result.returncode != 0:
         raise AssertionError(f"imageguard {' '.join(args)} exited {result.returncode}: {result.stderr}")
     return result
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 15.0, interval: float = 0.05, what: str = "") -> None:
+def wait_for(
+    predicate: Callable[[], bool], timeout: float = 15.0, interval: float = 0.05, what: str = ""
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -70,8 +77,20 @@ class AgentProcess:
         self._offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [*self.wrapper, sys.executable, "-m", "agent", "--config", str(self.config), "run", *self.extra_args],
-                stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                [
+                    *self.wrapper,
+                    sys.executable,
+                    "-m",
+                    "agent",
+                    "--config",
+                    str(self.config),
+                    "run",
+                    *self.extra_args,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
         if wait_scan:
             self.wait_log("scan done", timeout=timeout)

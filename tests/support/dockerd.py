@@ -43,13 +43,22 @@ class Dockerd:
             self.proc = subprocess.Popen(
                 [
                     dockerd,
-                    "--host", self.url,
-                    "--data-root", str(self.root / "data"),
-                    "--exec-root", str(self.root / "exec"),
-                    "--pidfile", str(self.root / "docker.pid"),
-                    "--bridge=none", "--iptables=false", "--ip-masq=false", "--ip-forward=false",
-                    "--storage-driver", os.environ.get("IMAGEGUARD_TEST_STORAGE_DRIVER", "overlay2"),
-                    "--log-level", "warn",
+                    "--host",
+                    self.url,
+                    "--data-root",
+                    str(self.root / "data"),
+                    "--exec-root",
+                    str(self.root / "exec"),
+                    "--pidfile",
+                    str(self.root / "docker.pid"),
+                    "--bridge=none",
+                    "--iptables=false",
+                    "--ip-masq=false",
+                    "--ip-forward=false",
+                    "--storage-driver",
+                    os.environ.get("IMAGEGUARD_TEST_STORAGE_DRIVER", "overlay2"),
+                    "--log-level",
+                    "warn",
                     *self.extra_args,
                 ],
                 stdout=log,
@@ -81,11 +90,16 @@ class Dockerd:
         self.stop()
         self.start()
 
-    def docker(self, *args: str, check: bool = True, timeout: float = 120, input: bytes | None = None
-               ) -> subprocess.CompletedProcess[str]:
+    def docker(
+        self, *args: str, check: bool = True, timeout: float = 120, input: bytes | None = None
+    ) -> subprocess.CompletedProcess[str]:
         """Run the docker CLI against this engine."""
         result = subprocess.run(
-            ["docker", *args], env=self.env, capture_output=True, text=True, timeout=timeout,
+            ["docker", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
             input=input.decode() if input is not None else None,
         )
         if check and result.returncode != 0:
@@ -99,8 +113,7 @@ class Dockerd:
             (Path(ctx) / "marker").write_text(marker or tag)
             ep = entrypoint or ["/bin/busybox", "sleep", "3600"]
             (Path(ctx) / "Dockerfile").write_text(
-                "FROM scratch\nCOPY busybox /bin/busybox\nCOPY marker /marker\n"
-                f"ENTRYPOINT {_json_list(ep)}\n"
+                f"FROM scratch\nCOPY busybox /bin/busybox\nCOPY marker /marker\nENTRYPOINT {_json_list(ep)}\n"
             )
             self.docker("build", "-q", "-t", tag, ctx, timeout=300)
         return self.image_id(tag)
