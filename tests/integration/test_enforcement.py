@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.schemas import validate
 from tests.support.agentproc import AgentProcess, cli, wait_for, write_config
 from tests.support.dockerd import Dockerd
 
@@ -58,7 +59,10 @@ def gone(engine: Dockerd, name: str, timeout: float = 15) -> None:
 
 def decisions(config: Path) -> list[dict]:
     out = cli(config, "decisions", "--limit", "1000", "--json", check=True)
-    return json.loads(out.stdout)["decisions"]
+    records = json.loads(out.stdout)["decisions"]
+    for record in records:
+        validate(record, "decision", "decision record")  # the shape telemetry publishes
+    return records
 
 
 def test_allowed_keeps_running_and_unlisted_is_removed(
