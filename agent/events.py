@@ -79,7 +79,8 @@ class ContainerFacts:
             ref = ImageRef.parse(self.image)
         except ImageGuardError:
             return None
-        if self.image_id is not None and ref.repository in ("library/sha256", self.image_id.hex):
+        # ``sha256:<hex>`` parses as repository library/sha256, a bare ``<hex>`` as library/<hex>
+        if self.image_id is not None and ref.repository in ("library/sha256", f"library/{self.image_id.hex}"):
             return None
         return ref
 
