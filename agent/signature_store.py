@@ -30,7 +30,7 @@ from agent.digest import Digest
 from agent.errors import RegistryError
 from agent.imageref import ImageRef
 from agent.registry import (
-    DOCKER_MANIFEST,
+    MANIFEST_MEDIA_TYPES,
     OCI_INDEX,
     OCI_MANIFEST,
     Descriptor,
@@ -50,6 +50,9 @@ COSIGN_SIGN_PREDICATE = "https://sigstore.dev/cosign/sign/v1"
 #: a signature manifest or referrer list longer than this is refused, bounding requests per verification
 MAX_SIGNATURES = 64
 _ZERO_TIME = "0001-01-01T00:00:00Z"
+# indexes are accepted only to be refused: a registry asked for manifests alone may instead serve an
+# index's platform child under the tag (docker-registry 2.8 does), which would hide what the tag holds
+_ANY_MANIFEST = MANIFEST_MEDIA_TYPES
 
 
 def signature_tag(digest: Digest) -> str:
@@ -68,7 +71,7 @@ def referrers_tag(digest: Digest) -> str:
 def fetch_legacy(client: RegistryClient, repo: Repository, digest: Digest) -> tuple[LegacySignature, ...]:
     """Every layer of the ``.sig`` manifest, payload fetched and digest-checked; none if there is no tag."""
     tag = signature_tag(digest)
-    manifest = client.find_manifest(repo, tag, accept=(OCI_MANIFEST, DOCKER_MANIFEST))
+    manifest = client.find_manifest(repo, tag, accept=_ANY_MANIFEST)
     if manifest is None:
         return ()
     if manifest.is_index:
@@ -199,7 +202,7 @@ def attach_signature(
     """
     repo = Repository.of(ref)
     tag = signature_tag(digest)
-    existing = client.find_manifest(repo, tag, accept=(OCI_MANIFEST, DOCKER_MANIFEST))
+    existing = client.find_manifest(repo, tag, accept=_ANY_MANIFEST)
     if existing is not None and existing.is_index:
         raise RegistryError(
             f"{repo}:{tag}: holds an index, not a signature manifest; refusing to overwrite it"
