@@ -1,4 +1,6 @@
-"""The JSON form of a KuraPayload (``mqtt.encoding = "json"``), schema ``schemas/kura-payload-json.schema.json``.
+"""The JSON form of a KuraPayload (``mqtt.encoding = "json"``).
+
+Schema: ``schemas/kura-payload-json.schema.json``.
 
 It is Kura's SIMPLE_JSON layout, so a Kura-aware consumer reads it, plus typed metrics so no type is lost::
 
@@ -11,7 +13,8 @@ It is Kura's SIMPLE_JSON layout, so a Kura-aware consumer reads it, plus typed m
         "count": 3,                                     # plain integer -> INT64
         "ratio": 0.5,                                   # other number  -> DOUBLE
         "response.code": {"type": "INT32", "value": 200}, # typed form, any of the 7 Kura types
-        "raw": {"type": "BYTES", "value": "AAE="}        # BYTES as base64; DOUBLE/FLOAT may be "NaN"/"Infinity"
+        "raw": {"type": "BYTES", "value": "AAE="}        # BYTES as base64
+                                                        # DOUBLE/FLOAT values may be "NaN", "-Infinity"...
       },
       "body": "eyJhIjoxfQ=="                            # body bytes, base64
     }
@@ -128,7 +131,9 @@ def _from_doc(doc: dict[str, Any]) -> KuraMessage:
         except UnicodeEncodeError:
             raise PayloadError("JSON payload: at /body_text: not encodable as UTF-8") from None
     elif "body_json" in doc:
-        body = json.dumps(doc["body_json"], ensure_ascii=False, separators=(",", ":")).encode("utf-8", "strict")
+        body = json.dumps(doc["body_json"], ensure_ascii=False, separators=(",", ":")).encode(
+            "utf-8", "strict"
+        )
     ts = doc.get("sentOn")
     return KuraMessage(
         timestamp_ms=int(ts) if ts is not None else None, metrics=metrics, body=body, position=position
@@ -144,7 +149,9 @@ def _metric_in(name: str, raw: Any) -> MetricValue:
                 return MetricValue.blob(base64.b64decode(value, validate=True))
             if mtype in (MetricType.DOUBLE, MetricType.FLOAT):
                 number = _FLOAT_WORDS[value] if isinstance(value, str) else float(value)
-                return MetricValue.double(number) if mtype is MetricType.DOUBLE else MetricValue.float32(number)
+                return (
+                    MetricValue.double(number) if mtype is MetricType.DOUBLE else MetricValue.float32(number)
+                )
             if mtype in (MetricType.INT32, MetricType.INT64):
                 value = int(value)
             return MetricValue(mtype, value)

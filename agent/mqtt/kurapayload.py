@@ -1,11 +1,12 @@
 """KuraPayload: Kura's message model and its protobuf wire form (proto2, package ``kuradatatypes``).
 
 The protobuf descriptor is built at runtime from ``descriptor_pb2`` (no protoc at install time); it matches
-``kurapayload.proto`` next to this module field for field. Gzip follows Kura: receivers detect it by the magic
-bytes ``1f 8b`` and fall back to raw protobuf when decompression fails; senders compress only if that is shorter.
+``kurapayload.proto`` next to this module field for field. Gzip follows Kura: receivers detect it by the
+magic bytes ``1f 8b`` and fall back to raw protobuf when decompression fails; senders compress only if that
+is shorter.
 
 Sizes are bounded before any parsing and again while gunzipping, so a small zip bomb cannot grow in memory.
-Every decoding failure raises :class:`agent.errors.PayloadError` (or ``PayloadTooLarge``), never anything else.
+Every decoding failure raises :class:`agent.errors.PayloadError` (or ``PayloadTooLarge``), nothing else.
 """
 
 from __future__ import annotations
@@ -179,7 +180,9 @@ class KuraMessage:
 
     def __post_init__(self) -> None:
         ts = self.timestamp_ms
-        if ts is not None and (not isinstance(ts, int) or isinstance(ts, bool) or not _INT64[0] <= ts <= _INT64[1]):
+        if ts is not None and (
+            not isinstance(ts, int) or isinstance(ts, bool) or not _INT64[0] <= ts <= _INT64[1]
+        ):
             raise PayloadError(f"timestamp {_short(ts)} is not a 64-bit integer (epoch milliseconds)")
         for name, value in self.metrics.items():
             if not isinstance(name, str) or not _is_utf8(name):
@@ -337,7 +340,7 @@ def check_size(data: bytes, max_bytes: int) -> None:
 
 
 def gunzip_bounded(data: bytes, max_bytes: int) -> bytes | None:
-    """Gunzip (all members) into at most ``max_bytes``; None when it is not valid gzip (caller uses raw bytes).
+    """Gunzip (all members) into at most ``max_bytes``; None when it is not valid gzip (use the raw bytes).
 
     Raises PayloadTooLarge as soon as the output would pass the limit, before allocating more.
     """
