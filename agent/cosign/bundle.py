@@ -116,7 +116,7 @@ def parse_bundle(data: bytes) -> Bundle:
     except DecodeError as exc:
         raise _fail(f"bundle: {exc}") from None
     media_type = doc.get("mediaType")
-    if media_type not in BUNDLE_MEDIA_TYPES:
+    if not isinstance(media_type, str) or media_type not in BUNDLE_MEDIA_TYPES:
         raise _fail(f"unsupported bundle mediaType {str(media_type)[:100]!r}")
     material = _obj(doc.get("verificationMaterial"), "verificationMaterial")
     certificates, hint = _certificates(material)

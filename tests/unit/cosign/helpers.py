@@ -84,7 +84,8 @@ OID_ISSUER_V2 = x509.ObjectIdentifier("1.3.6.1.4.1.57264.1.8")
 
 
 def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    # Fulcio leaves have an empty subject; so do ours when cn is ""
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)] if cn else [])
 
 
 def make_cert(
@@ -339,3 +340,6 @@ def dsse_bundle(
         "dsseEnvelope": {"payload": b64(payload), "payloadType": IN_TOTO_PAYLOAD_TYPE, "signatures": sigs},
     }
     return BundleSignature(BUNDLE_V03, json.dumps(doc).encode(), origin="test bundle")
+
+
+REKOR_FOR_FUZZ = RekorLog()
