@@ -45,6 +45,14 @@ class EnforcementConfig:
 
 
 @dataclass(frozen=True)
+class PreventiveConfig:
+    """The authorization plugin (agent/authz.py): answers dockerd before it starts a container."""
+
+    enabled: bool = False
+    socket: Path = Path("/run/docker/plugins/imageguard.sock")
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = "info"
     format: Literal["text", "json"] = "text"
@@ -106,6 +114,7 @@ class Config:
     state_dir: Path = DEFAULT_STATE_DIR
     enforcement: EnforcementConfig = field(default_factory=EnforcementConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    preventive: PreventiveConfig = field(default_factory=PreventiveConfig)
     registries: tuple[RegistryConfig, ...] = ()
     mqtt: MqttConfig | None = None
     source: str = "<embedded default>"
@@ -125,6 +134,13 @@ def _path(value: Any, base: Path) -> Path | None:
         return None
     p = Path(value)
     return p if p.is_absolute() else base / p
+
+
+def _preventive(data: dict[str, Any]) -> PreventiveConfig:
+    p = dict(data)
+    if "socket" in p:
+        p["socket"] = Path(p["socket"])
+    return PreventiveConfig(**p)
 
 
 def from_dict(data: dict[str, Any], source: str = "<dict>", base: Path | None = None) -> Config:
@@ -166,6 +182,7 @@ def from_dict(data: dict[str, Any], source: str = "<dict>", base: Path | None = 
         state_dir=state_dir,
         enforcement=EnforcementConfig(**data.get("enforcement", {})),
         logging=LoggingConfig(**data.get("logging", {})),
+        preventive=_preventive(data.get("preventive", {})),
         registries=tuple(registries),
         mqtt=mqtt,
         source=source,
