@@ -127,7 +127,7 @@ def verify_path(
             f"{at:%Y-%m-%dT%H:%M:%SZ}: {exc}",
             code=code,
         ) from None
-    except ValueError as exc:  # e.g. an unsupported general name or key type deep in the path
+    except (ValueError, x509.UnsupportedGeneralNameType) as exc:  # e.g. odd names or keys deep in the path
         raise VerificationError(
             f"certificate path cannot be validated: {exc}", code="certificate-untrusted"
         ) from None

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import pytest
 
 from agent.cosign import keys
 from agent.cosign.artifacts import ANN_SIGNATURE, SignatureSet
-from agent.cosign.verify import evaluate, verify_image
+from agent.cosign.verify import MAX_SIGNATURES, evaluate, verify_image
 from agent.digest import Digest
 from agent.errors import DigestError, VerificationError
 from tests.unit.cosign.helpers import CASES, key_anchor, legacy, load_case, now_ts, pub, read_dir_signature
@@ -224,6 +224,16 @@ def test_payload_is_not_reserialised() -> None:
     payload, signature = _valid_sig()
     respaced = payload.replace(b'{"critical":', b'{ "critical":')
     report = evaluate(
-        VALID_DIGEST, [replace(legacy(respaced, signature))], key_anchor(pub("cosign.pub")), now=now_ts()
+        VALID_DIGEST, [legacy(respaced, signature)], key_anchor(pub("cosign.pub")), now=now_ts()
     )
     assert report.outcomes[0].code == "signature-mismatch"
+
+
+def test_signature_count_is_bounded() -> None:
+    payload, signature = _valid_sig()
+    junk = [legacy(payload, "AAAA", origin=f"junk {i}") for i in range(MAX_SIGNATURES)]
+    report = evaluate(
+        VALID_DIGEST, [*junk, legacy(payload, signature)], key_anchor(pub("cosign.pub")), now=now_ts()
+    )
+    assert report.verified is None and report.outcomes[-1].code == "not-tried"
+    assert len(report.outcomes) == MAX_SIGNATURES + 1
