@@ -47,7 +47,7 @@ class Service:
         store: Store,
         *,
         telemetry: bool = False,
-        on_change: Callable[[], None] | None = None,
+        on_change: Callable[[], object] | None = None,
     ) -> None:
         self.config = config
         self.store = store
