@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -90,6 +91,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Handler = args.handler
+    if args.command != "run":
+        # one-shot commands report through their output and exit code; the library's log is for the agent
+        logging.basicConfig(level=logging.ERROR, format="imageguard: %(levelname)s: %(message)s")
     try:
         return handler(args)
     except ImageGuardError as exc:

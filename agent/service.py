@@ -40,6 +40,17 @@ class ApplyResult:
         return {"layer": self.layer, "version": self.version, "status": self.status, "revoked": self.revoked}
 
 
+def check_anchors(layer: PolicyLayer) -> None:
+    """Refuse a layer whose anchors cannot be used (bad PEM, unsupported key or scheme) before storing it."""
+    from agent.validators import validator_for  # the crypto stack loads only when anchors exist
+
+    for i, anchor in enumerate(layer.trust_anchors):
+        try:
+            validator_for(anchor).check_anchor(anchor)
+        except ImageGuardError as exc:
+            raise PolicyError(f"policy layer {layer.name!r}: at /trust_anchors/{i}: {exc}", code=exc.code) from None
+
+
 class Service:
     def __init__(
         self,
@@ -85,6 +96,7 @@ class Service:
         """
         now = utc_now()
         try:
+            check_anchors(layer)
             with self.store.transaction() as tx:
                 current = Store.read_layer(tx, layer.name)
                 if not current.check_successor(layer):
