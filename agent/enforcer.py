@@ -208,6 +208,41 @@ class Enforcer:
         self._act(facts, decision, action)
         return Handled(record, decision, facts)
 
+    def authorize(self, container_id: str) -> Handled:
+        """Decide before the engine starts a container (the authorization plugin): record, never act.
+
+        A pending verification gets ``verify_timeout_seconds`` of wall time, then the start is refused
+        (the verification itself runs on and its result is cached for the next attempt). Raises Gone or
+        EngineError when the container cannot be looked up: the caller refuses the start then.
+        """
+        facts = self.engine.container_facts(container_id)
+        policy = self._policy
+        decision = decide(facts, policy, self._evidence())
+        if decision.pending:
+            decision = conclude(decision, self._verify_within(decision.verify), policy)
+        action = "deny" if decision.verdict == "blocked" else "none"
+        record = self._record(decision, facts, policy, "prevented", action)
+        self._save(record)
+        return Handled(record, decision, facts)
+
+    def _verify_within(self, targets: tuple[VerifyTarget, ...]) -> VerificationOutcome:
+        timeout = self.settings.verify_timeout_seconds
+        fut: Future[VerificationOutcome] = Future()
+
+        def run() -> None:
+            try:
+                fut.set_result(self._verify(targets))
+            except BaseException as exc:
+                fut.set_exception(exc)
+
+        threading.Thread(target=run, name="authz-verify", daemon=True).start()
+        try:
+            return fut.result(timeout)
+        except TimeoutError:
+            return VerificationOutcome(
+                None, Reason.VERIFICATION_TIMEOUT, f"signature verification did not finish within {timeout:g}s"
+            )
+
     def _record(
         self, decision: Decision, facts: ContainerFacts, policy: EffectivePolicy, trigger: str, action: str
     ) -> dict[str, Any]:
