@@ -17,6 +17,7 @@ from types import FrameType
 from typing import Any
 
 from agent import __version__
+from agent.authz import AuthzServer, Gate
 from agent.config import Config
 from agent.decision import rescan_reason
 from agent.enforcer import Enforcer, Verifier
@@ -144,6 +145,7 @@ class Agent:
         self.monitor: Monitor | None = None
         self.scanner: Scanner | None = None
         self.listener: Listener | None = None
+        self.authz: AuthzServer | None = None
 
     def start(self) -> None:
         self.lock.acquire()
@@ -157,6 +159,16 @@ class Agent:
             verifier=self._verifier,
             telemetry=self.config.mqtt is not None,
         )
+        if self.config.preventive.enabled:
+            # served whatever the mode (dockerd refuses every request while its plugin is unreachable);
+            # it judges starts only while the live policy says enforce
+            self.authz = AuthzServer(self.config.preventive.socket, Gate(self.enforcer))
+            try:
+                self.authz.start()
+            except Exception:
+                self.enforcer.close()
+                self.lock.release()
+                raise
         self.scanner = Scanner(self.enforcer)
         self.scanner.start()
         self.listener = Listener(self.config.state_dir, lambda _msg: self.reload())
@@ -212,6 +224,8 @@ class Agent:
             self.listener.close()
         if self.enforcer is not None:
             self.enforcer.close()
+        if self.authz is not None:  # last: the parts above still talk to dockerd, which asks the plugin
+            self.authz.close()
         self.store.close()
         self.lock.release()
         log.info("ImageGuard stopped")
