@@ -67,6 +67,11 @@ class Engine:
         info: dict[str, Any] = self._call("answer a version query", self._client().version)
         return info
 
+    def info(self) -> dict[str, Any]:
+        """``GET /info``: system-wide facts (authorization plugins, engine clock)."""
+        info: dict[str, Any] = self._call("answer an info query", self._client().info)
+        return info
+
     def container_facts(self, container_id: str) -> ContainerFacts:
         """Raises Gone if the container vanished."""
         c = self._client()
