@@ -74,7 +74,7 @@ def _optional_command_modules() -> list[Any]:
     import importlib
 
     out = []
-    for name in ("agent.cli_verify", "agent.cli_console"):
+    for name in ("agent.cli_verify", "agent.cli_console", "agent.cli_doctor"):
         try:
             out.append(importlib.import_module(name))
         except ModuleNotFoundError as exc:
