@@ -111,10 +111,9 @@ def _applied_text(r: ApplyResult) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     logs.setup(args.log_level or cfg.logging.level, args.log_format or cfg.logging.format)
-    from agent.app import Agent
-    from agent.verification import build_verifier
+    from agent.app import Agent, LazyVerifier
 
-    agent = Agent(cfg, verifier=build_verifier(cfg))
+    agent = Agent(cfg, verifier=LazyVerifier(cfg))
     if args.policy:
         doc = read_json_file(args.policy, "policy file")
         result = agent.service.import_policy(doc, source=f"file {args.policy}")
