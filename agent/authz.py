@@ -249,17 +249,17 @@ class AuthzServer:
 
     def __init__(self, path: Path, authorize: Authorize) -> None:
         self.path = path
-        self._server = _UnixServer(str(path), authorize)
+        self._authorize = authorize
+        self._server: _UnixServer | None = None
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         _claim(self.path)
+        self._server = _UnixServer(str(self.path), self._authorize)
         try:
-            old = os.umask(0o177)  # the socket is for dockerd (root) only
-            try:
-                self._server.server_bind()
-            finally:
-                os.umask(old)
+            self._server.server_bind()
+            # for dockerd (root) only; chmod rather than umask, which would race with other threads' files
+            os.chmod(self.path, 0o600)
             self._server.server_activate()
         except OSError as exc:
             self._server.server_close()
@@ -273,7 +273,7 @@ class AuthzServer:
         log.info("authorization plugin serving on %s", self.path)
 
     def close(self) -> None:
-        if self._thread is None:
+        if self._thread is None or self._server is None:
             return
         self._server.shutdown()
         self._server.server_close()
