@@ -44,11 +44,19 @@ class ImageResult:
     unreachable: bool = False
     requests: int = 0
 
+    @property
+    def reason(self) -> Reason:
+        """The verdict as the enforcer's reason code (what decision records carry)."""
+        if self.verified is not None:
+            return Reason.SIGNATURE_VERIFIED
+        return Reason.REGISTRY_UNREACHABLE if self.unreachable else Reason.SIGNATURE_INVALID
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "image": str(self.ref),
             "digest": str(self.digest) if self.digest else None,
             "valid": self.verified is not None,
+            "reason": self.reason.value,
             "requests": self.requests,
         }
         if self.verified is not None:
@@ -76,7 +84,8 @@ def verify_reference(
     """Resolve ``ref`` (a tag costs one request), fetch its signatures and verify under any anchor.
 
     Legacy ``.sig`` signatures are read first and bundles only if none of those verified, which keeps
-    the common case at two requests for a digest reference.
+    the common case at two requests for a digest reference. ``full_report`` adds a per-anchor report of
+    every signature fetched (for ``--json``) without fetching more than the verdict needs.
     """
     anchors = list(anchors)
     result = ImageResult(ref, ref.digest)
@@ -86,8 +95,6 @@ def verify_reference(
         result.digest = digest
 
         def enough(found: SignatureSet) -> bool:
-            if full_report:
-                return False
             for anchor in anchors:
                 try:
                     result.verified = validator_for(anchor).verify(
@@ -100,7 +107,7 @@ def verify_reference(
             return False
 
         found = fetch_signatures(client, ref, digest, enough=enough)
-        if result.verified is None:
+        if result.verified is None or full_report:
             for anchor in anchors:
                 try:
                     validator = validator_for(anchor)
@@ -162,7 +169,13 @@ class ImageVerifier:
                 result = verify_reference(client, target.ref, target.anchors, now=self.clock())
                 if result.verified is not None and result.anchor is not None:
                     v = result.verified
-                    log.info("verified %s with trust anchor %r (%s)", target.ref, v.anchor, v.origin)
+                    log.info(
+                        "verified %s with trust anchor %r (%s; %d registry requests)",
+                        target.ref,
+                        v.anchor,
+                        v.origin,
+                        result.requests,
+                    )
                     return VerificationOutcome(
                         VerifiedDigest(
                             digest=v.digest,
@@ -173,6 +186,13 @@ class ImageVerifier:
                             verified_at=utc_now(),
                         )
                     )
+                log.info(
+                    "signature verification of %s failed (%s; %d registry requests): %s",
+                    target.ref,
+                    result.reason.value,
+                    result.requests,
+                    "; ".join(result.reasons),
+                )
                 all_unreachable = all_unreachable and result.unreachable
                 reasons.extend(f"{target.ref}: {r}" for r in result.reasons)
         if all_unreachable:
