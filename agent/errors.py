@@ -144,3 +144,16 @@ class UnsupportedSchemeError(PolicyError):
     """A trust anchor names a signature scheme that no validator implements."""
 
     code = "unsupported-scheme"
+
+
+class PolicySignatureError(ControlError):
+    """A policy change over MQTT is unsigned, mis-signed or signed for another target (answered with 403).
+
+    Codes: ``policy-unsigned``, ``policy-signature-invalid``, ``policy-unknown-key``, ``policy-wrong-target``,
+    ``signed-document-required`` (a piecemeal change while signing is on).
+    """
+
+    code = "policy-signature-invalid"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(403, message, code=code)
