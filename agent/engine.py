@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
 import docker
+import docker.constants
 import docker.errors
 import requests
 
@@ -17,6 +19,14 @@ from agent.errors import EngineError, ImageGuardError
 from agent.events import ContainerEvent, ContainerFacts, facts_from_inspect
 
 log = logging.getLogger(__name__)
+
+MINIMUM_API_VERSION = docker.constants.MINIMUM_DOCKER_API_VERSION
+DEFAULT_API_VERSION = docker.constants.DEFAULT_DOCKER_API_VERSION
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in version.split(".") if p.isdigit())
+
 
 _CONNECTION_ERRORS = (requests.exceptions.ConnectionError, requests.exceptions.Timeout, OSError)
 
@@ -40,15 +50,49 @@ class Engine:
     def _client(self) -> docker.APIClient:
         client = getattr(self._local, "client", None)
         if client is None:
-            try:
-                client = docker.APIClient(
-                    base_url=self.url, version=self._version or "auto", timeout=self.timeout
-                )
-            except docker.errors.DockerException as exc:
-                raise EngineError(f"cannot reach the Docker engine at {self.url}: {exc}") from None
-            self._version = client.api_version
+            client = self._new_client(self.timeout)
             self._local.client = client
         return client
+
+    def _new_client(self, timeout: float | None) -> docker.APIClient:
+        if self._version is None:
+            self._version = self._negotiate()
+        try:
+            return docker.APIClient(base_url=self.url, version=self._version, timeout=timeout)
+        except docker.errors.DockerException as exc:
+            raise EngineError(f"cannot use the Docker engine at {self.url}: {exc}") from None
+
+    def _negotiate(self) -> str:
+        """Pick the API version once; unlike docker-py's "auto", close the probe's socket on failure."""
+        if self.url.startswith("unix://"):
+            # docker-py leaks the socket of a failed Unix connect: find out ourselves first
+            path = self.url[len("unix://") :]
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(self.timeout)
+                try:
+                    s.connect(path)
+                except OSError as exc:
+                    raise EngineError(
+                        f"cannot reach the Docker engine at {self.url}: {exc.strerror or exc}"
+                    ) from None
+        try:
+            probe = docker.APIClient(base_url=self.url, version=MINIMUM_API_VERSION, timeout=self.timeout)
+        except docker.errors.DockerException as exc:
+            raise EngineError(f"cannot use the Docker engine at {self.url}: {exc}") from None
+        try:
+            server = str(probe.version(api_version=False).get("ApiVersion", MINIMUM_API_VERSION))
+        except (docker.errors.DockerException, *_CONNECTION_ERRORS) as exc:
+            raise EngineError(f"cannot reach the Docker engine at {self.url}: {exc}") from None
+        finally:
+            probe.close()
+        return str(min(server, DEFAULT_API_VERSION, key=_version_key))
+
+    def close(self) -> None:
+        """Close this thread's connection (other threads' close when their thread ends)."""
+        client = getattr(self._local, "client", None)
+        if client is not None:
+            client.close()
+            self._local.client = None
 
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -144,7 +188,7 @@ class Engine:
 
     def open_events(self, since: str | None) -> EventStream:
         """Open the event stream (container start events only), replaying from ``since`` if given."""
-        client = docker.APIClient(base_url=self.url, version=self._version or "auto", timeout=None)
+        client = self._new_client(None)
         filters = {"type": ["container"], "event": ["start"]}
         stream = self._call("stream events", client.events, since=since, filters=filters, decode=True)
         return EventStream(client, stream)
