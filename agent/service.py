@@ -181,10 +181,15 @@ class Service:
     def allowlist_add(
         self, digests: Iterable[Digest], comment: str = "", *, source: str = "cli"
     ) -> ApplyResult:
+        return self.allowlist_add_entries([AllowlistEntry(d, comment) for d in digests], source=source)
+
+    def allowlist_add_entries(self, new: Iterable[AllowlistEntry], *, source: str = "cli") -> ApplyResult:
+        """Add entries in one version step; an empty comment keeps the comment an entry already has."""
         current = self.store.layer(DEVICE_LAYER)
         entries = {e.digest: e for e in current.allowlist}
         added = False
-        for d in digests:
+        for e in new:
+            d, comment = e.digest, e.comment
             if d not in entries or (comment and entries[d].comment != comment):
                 entries[d] = AllowlistEntry(d, comment or (entries[d].comment if d in entries else ""))
                 added = True

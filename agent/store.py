@@ -10,7 +10,7 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +80,9 @@ class Store:
         self.outbox_limit = outbox_limit
         self._lock = threading.RLock()
         self._inserts = 0
+        #: called after each commit that queued telemetry (the MQTT drainer wakes up; no polling)
+        self._outbox_listeners: list[Callable[[], None]] = []
+        self._outbox_dirty = False
         _prepare_dir(state_dir)
         old_umask = os.umask(0o077)
         try:
@@ -147,10 +150,19 @@ class Store:
             try:
                 yield self._db
             except BaseException:
+                self._outbox_dirty = False
                 self._db.execute("ROLLBACK")
                 raise
             else:
                 self._db.execute("COMMIT")
+                if self._outbox_dirty:
+                    self._outbox_dirty = False
+                    for listener in self._outbox_listeners:
+                        listener()
+
+    def add_outbox_listener(self, fn: Callable[[], None]) -> None:
+        """``fn()`` runs after every commit that queued telemetry; keep it short (set an event)."""
+        self._outbox_listeners.append(fn)
 
     def _query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
@@ -263,6 +275,7 @@ class Store:
             "INSERT INTO outbox (priority, kind, topic, message, created_at) VALUES (?,?,?,?,?)",
             (msg.priority, msg.kind, msg.topic, json.dumps(msg.message, sort_keys=True), now),
         )
+        self._outbox_dirty = True
         return True
 
     def outbox_add(self, messages: Iterable[OutboxMessage], now: str) -> None:
