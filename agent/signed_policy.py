@@ -1,0 +1,251 @@
+"""Signed policy layers: the envelope, signing (console side) and the gate every MQTT policy change passes.
+
+With ``mqtt.policy_signing_key`` (a PEM public key set at provisioning) every policy change that arrives over
+MQTT must be a whole layer document inside an envelope (``schemas/signed-policy.schema.json``)::
+
+    {"document": {"version": 7, "target": {"device": "dev-1"}, "allowlist": [...], ...},
+     "signature": "<base64>", "key_id": "<hex sha256 of the signer's SubjectPublicKeyInfo DER>",
+     "algorithm": "ecdsa-p256-sha256" | "ecdsa-p384-sha384" | "ed25519"}
+
+The signature covers the RFC 8785 canonical JSON of ``document``, so any JSON serialiser can produce it. The
+document names its target (``{"device": id}`` or ``{"group": name}``), so a document signed for one device
+or group is refused by every other, and its version, so an older one is refused as a rollback (by the policy
+service; an equal one is "nothing new"). The key is never taken from MQTT: no resource reads or writes it.
+
+Checks raise; the control plane decides what a failure means (403 reply, rejection telemetry). Nothing here
+does I/O except :meth:`PolicyVerifier.from_file`.
+"""
+
+from __future__ import annotations
+
+import binascii
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import rfc8785
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+from agent.config import Config
+from agent.cosign.encoding import b64decode_strict, b64encode
+from agent.cosign.keys import (
+    PrivateKey,
+    PublicKey,
+    key_fingerprint,
+    load_public_key,
+    sign,
+    verify_signature,
+)
+from agent.errors import ConfigError, InputError, KeyMaterialError, PolicySignatureError, VerificationError
+from agent.policy import DEVICE_LAYER, PolicyLayer
+from agent.schemas import validate
+
+ENVELOPE_SCHEMA = "signed-policy"
+
+#: envelope ``algorithm`` -> (curve name or "ed25519", what keys.verify_signature reports when it verifies)
+ALGORITHMS: dict[str, tuple[str, str]] = {
+    "ecdsa-p256-sha256": ("secp256r1", "ECDSA secp256r1 sha256"),
+    "ecdsa-p384-sha384": ("secp384r1", "ECDSA secp384r1 sha384"),
+    "ed25519": ("ed25519", "Ed25519"),
+}
+
+
+def algorithm_for(key: PublicKey) -> str:
+    """The envelope algorithm a key signs with; KeyMaterialError for keys policy signing does not support."""
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return "ed25519"
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        for name, (curve, _) in ALGORITHMS.items():
+            if curve == key.curve.name:
+                return name
+    raise KeyMaterialError(
+        f"policy signing key: unsupported key type ({_describe(key)}); use ECDSA P-256, P-384 or Ed25519"
+    )
+
+
+def _describe(key: object) -> str:
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return f"ECDSA {key.curve.name}"
+    return type(key).__name__
+
+
+def canonical_bytes(document: Any) -> bytes:
+    """RFC 8785 (JCS) canonical JSON: the exact bytes a policy signature covers."""
+    try:
+        return rfc8785.dumps(document)
+    except rfc8785.CanonicalizationError as exc:
+        raise InputError(f"policy document cannot be canonicalised (RFC 8785): {exc}") from None
+
+
+def target_for_layer(layer: str, device_id: str) -> dict[str, str]:
+    """The ``target`` a document for ``layer`` must name: ``{"device": id}`` or ``{"group": name}``."""
+    if layer == DEVICE_LAYER:
+        return {"device": device_id}
+    if layer.startswith("group:") and len(layer) > len("group:"):
+        return {"group": layer[len("group:") :]}
+    raise InputError(f"unknown policy layer {layer!r}: expected 'device' or 'group:NAME'")
+
+
+def is_envelope(body: Any) -> bool:
+    """True if ``body`` is shaped as a signed envelope (rather than a bare layer document)."""
+    return isinstance(body, Mapping) and "document" in body and "signature" in body
+
+
+def claimed_version(body: Any) -> int | None:
+    """The version a body claims (bare or enveloped), for rejection reports; None if unreadable."""
+    doc = body.get("document") if is_envelope(body) else body
+    version = doc.get("version") if isinstance(doc, Mapping) else None
+    return version if isinstance(version, int) and not isinstance(version, bool) else None
+
+
+def sign_policy(document: Mapping[str, Any], private_key: PrivateKey) -> dict[str, Any]:
+    """Wrap a layer document in a signed envelope. The document must be valid and name version and target."""
+    doc = dict(document)
+    validate(doc, "policy", "policy document")
+    if "target" not in doc:
+        raise InputError(
+            'policy document: a signed document must name its target: {"device": ID} or {"group": NAME}'
+        )
+    public = private_key.public_key()
+    algorithm = algorithm_for(public)
+    signature = sign(canonical_bytes(doc), private_key)
+    return {
+        "document": doc,
+        "signature": b64encode(signature),
+        "key_id": key_fingerprint(public),
+        "algorithm": algorithm,
+    }
+
+
+@dataclass(frozen=True)
+class PolicyVerifier:
+    """The provisioned policy-signing public key and the check of an envelope against it."""
+
+    key: PublicKey
+    key_id: str
+    algorithm: str
+
+    @classmethod
+    def from_pem(cls, pem: str | bytes, what: str = "policy signing key") -> PolicyVerifier:
+        key = load_public_key(pem, what)
+        return cls(key=key, key_id=key_fingerprint(key), algorithm=algorithm_for(key))
+
+    @classmethod
+    def from_file(cls, path: Path) -> PolicyVerifier:
+        try:
+            pem = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"mqtt.policy_signing_key {path}: cannot read: {exc.strerror}") from None
+        return cls.from_pem(pem, f"mqtt.policy_signing_key {path}")
+
+    def verify(self, envelope: Any, what: str = "signed policy") -> dict[str, Any]:
+        """The signed document if ``envelope`` is signed by this key, else PolicySignatureError (403).
+
+        A body that is not an envelope at all is "unsigned" (403); an envelope of the wrong shape fails its
+        schema (SchemaError, 400).
+        """
+        if not is_envelope(envelope):
+            raise PolicySignatureError(
+                f"{what}: the document is not signed; this device requires a signed envelope "
+                '{"document", "signature", "key_id", "algorithm"} (see imageguard console sign-policy)',
+                code="policy-unsigned",
+            )
+        validate(envelope, ENVELOPE_SCHEMA, what)
+        if envelope["key_id"] != self.key_id:
+            raise PolicySignatureError(
+                f"{what}: signed by key {envelope['key_id'][:16]}, but this device trusts only key "
+                f"{self.key_id[:16]}",
+                code="policy-unknown-key",
+            )
+        if envelope["algorithm"] != self.algorithm:
+            raise PolicySignatureError(
+                f"{what}: algorithm {envelope['algorithm']!r} does not match the device's key "
+                f"({self.algorithm})",
+                code="policy-signature-invalid",
+            )
+        try:
+            signature = b64decode_strict(envelope["signature"])
+        except (ValueError, binascii.Error):
+            raise PolicySignatureError(
+                f"{what}: signature is not valid base64", code="policy-signature-invalid"
+            ) from None
+        document = envelope["document"]
+        try:
+            verified = verify_signature(self.key, canonical_bytes(document), signature)
+        except (VerificationError, InputError) as exc:
+            raise PolicySignatureError(
+                f"{what}: signature does not verify: {exc}", code="policy-signature-invalid"
+            ) from None
+        if verified != ALGORITHMS[self.algorithm][1]:  # e.g. a P-384 key signing with SHA-256
+            raise PolicySignatureError(
+                f"{what}: signature verified as {verified}, not {self.algorithm}",
+                code="policy-signature-invalid",
+            )
+        return dict(document)
+
+
+@dataclass(frozen=True)
+class PolicyGate:
+    """What a policy change arriving over MQTT must look like on this device.
+
+    Without a verifier, bare documents and envelopes are both accepted (an envelope is unwrapped unverified:
+    no key is provisioned, so it is as trusted as a bare document). A ``target``, when named, must be ours.
+    With a verifier, only whole, signed, correctly targeted documents pass.
+    """
+
+    device_id: str
+    verifier: PolicyVerifier | None = None
+
+    @classmethod
+    def from_config(cls, config: Config) -> PolicyGate:
+        path = config.mqtt.policy_signing_key if config.mqtt else None
+        return cls(config.device.id, PolicyVerifier.from_file(path) if path is not None else None)
+
+    @property
+    def signing_required(self) -> bool:
+        return self.verifier is not None
+
+    def require_whole_document(self, what: str) -> None:
+        """Refuse a piecemeal change (allowlist entry, anchor, enforcement) while signing is on."""
+        if self.verifier is not None:
+            raise PolicySignatureError(
+                f"{what}: a signed whole layer document is required (this device accepts policy changes only "
+                "as a signed document: PUT policy with a signed envelope)",
+                code="signed-document-required",
+            )
+
+    def open(self, body: Any, layer: str = DEVICE_LAYER) -> dict[str, Any]:
+        """The layer document carried by ``body`` after the signature and target checks."""
+        what = f"policy for layer {layer!r}"
+        if self.verifier is not None:
+            document = self.verifier.verify(body, what)
+        elif is_envelope(body):
+            validate(body, ENVELOPE_SCHEMA, what)
+            document = dict(body["document"])
+        elif isinstance(body, Mapping):
+            document = dict(body)
+        else:
+            raise InputError(f"{what}: expected a JSON object")
+        self._check_target(document, layer, what)
+        return document
+
+    def accept(self, body: Any, layer: str = DEVICE_LAYER) -> PolicyLayer:
+        """:meth:`open`, then parse the document as ``layer``. Version checks are the policy service's."""
+        return PolicyLayer.from_document(self.open(body, layer), layer, what=f"policy for layer {layer!r}")
+
+    def _check_target(self, document: Mapping[str, Any], layer: str, what: str) -> None:
+        expected = target_for_layer(layer, self.device_id)
+        target = document.get("target")
+        if target is None:
+            if self.verifier is not None:
+                raise PolicySignatureError(
+                    f"{what}: the signed document names no target; it must name {expected}",
+                    code="policy-wrong-target",
+                )
+            return
+        if target != expected:
+            raise PolicySignatureError(
+                f"{what}: the document is for {target}, not for this {next(iter(expected))} ({expected})",
+                code="policy-wrong-target",
+            )
