@@ -157,3 +157,10 @@ class PolicySignatureError(ControlError):
 
     def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(403, message, code=code)
+
+
+class ReplyTimeout(BrokerError):
+    """No reply to a console request within the timeout (the device may be offline or not subscribed)."""
+
+    code = "reply-timeout"
+    exit_code = 1
