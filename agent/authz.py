@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import logging
 import os
@@ -241,7 +242,28 @@ class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
     def __init__(self, path: str, authorize: Authorize) -> None:
         self.authorize = authorize
+        self._open: set[socket.socket] = set()
+        self._open_lock = threading.Lock()
         super().__init__(path, _Handler, bind_and_activate=False)
+
+    # dockerd keeps connections alive: track them, so that closing the server really stops answering
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._open_lock:
+            self._open.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._open_lock:
+            self._open.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        with self._open_lock:
+            conns = list(self._open)
+        for conn in conns:
+            with contextlib.suppress(OSError):  # already closed by its handler
+                conn.shutdown(socket.SHUT_RDWR)
 
 
 class AuthzServer:
@@ -277,6 +299,7 @@ class AuthzServer:
             return
         self._server.shutdown()
         self._server.server_close()
+        self._server.close_connections()
         self._thread.join(timeout=5)
         self._thread = None
         self.path.unlink(missing_ok=True)

@@ -1,0 +1,437 @@
+"""Issue 6 on a real dockerd: the agent as its authorization plugin (preventive enforcement).
+
+The module starts its own dockerd with ``--authorization-plugin=<unique name>`` and a plugin spec file in
+/etc/docker/plugins pointing at this run's socket, and the real agent in this process (so a test can make
+its verifier slow). Images are tiny busybox images; signed ones are pushed to a loopback registry and signed
+with ``imageguard sign``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import docker
+import docker.errors
+import pytest
+
+from agent import config as config_mod
+from agent.app import Agent
+from agent.decision import Reason, VerificationOutcome, VerifyTarget
+from agent.digest import Digest
+from agent.enforcer import Verifier
+from agent.policy import EffectivePolicy
+from agent.schemas import validate
+from agent.verification import build_verifier
+from tests.fixtures.registry import RegistryServer
+from tests.support.agentproc import cli, wait_for, write_config
+from tests.support.dockerd import Dockerd
+
+pytestmark = pytest.mark.integration
+
+PLUGIN_SPEC_DIR = Path("/etc/docker/plugins")
+NEVER_STARTED = "0001-01-01T00:00:00Z"
+VERIFY_TIMEOUT = 1.0
+ALLOWED = "ig-az/allowed:1"
+OTHER = "ig-az/other:1"
+WRITER = "ig-az/writer:1"  # its entrypoint writes a new file into /out
+
+
+class SwitchableVerifier:
+    """The agent's real verifier, made slow on demand (the "plugin answering slowly" case)."""
+
+    def __init__(self) -> None:
+        self.inner: Verifier | None = None
+        self.delay = 0.0
+
+    def verify(self, targets: tuple[VerifyTarget, ...], timeout: float) -> VerificationOutcome:
+        if self.delay:
+            time.sleep(self.delay)
+        if self.inner is None:
+            return VerificationOutcome(None, Reason.VERIFICATION_ERROR, "no verifier")
+        return self.inner.verify(targets, timeout)
+
+
+@dataclass
+class Env:
+    root: Path
+    name: str
+    config: Path
+    engine: Dockerd
+    registry: RegistryServer
+    verifier: SwitchableVerifier = field(default_factory=SwitchableVerifier)
+    agent: Agent | None = None
+    images: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def socket(self) -> Path:
+        return self.root / "plugin.sock"
+
+    def image(self, name: str) -> str:
+        return f"{self.registry.host}/ig-az/{name}:1"
+
+    def start_agent(self) -> None:
+        cfg = config_mod.load(self.config)
+        if self.verifier.inner is None:
+            self.verifier.inner = build_verifier(cfg)
+        self.agent = Agent(cfg, verifier=self.verifier)
+        self.agent.start()
+
+    def stop_agent(self) -> None:
+        if self.agent is not None:
+            self.agent.stop()
+            self.agent = None
+
+    @property
+    def policy(self) -> EffectivePolicy:
+        assert self.agent is not None and self.agent.enforcer is not None
+        return self.agent.enforcer.policy
+
+    def wait_policy(self, predicate: Callable[[EffectivePolicy], bool], what: str) -> None:
+        wait_for(lambda: predicate(self.policy), timeout=10, what=what)
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return self.engine.docker("run", *args, check=False)
+
+    def decisions(self) -> list[dict[str, Any]]:
+        out = cli(self.config, "decisions", "--limit", "1000", "--json", check=True)
+        records: list[dict[str, Any]] = json.loads(out.stdout)["decisions"]
+        for record in records:
+            validate(record, "decision", "decision record")
+        return records
+
+    def state(self, name: str, fmt: str = "{{.State.Status}}") -> str:
+        out = self.engine.docker("inspect", "--format", fmt, name, check=False)
+        return out.stdout.strip() if out.returncode == 0 else "absent"
+
+
+def _repo_digest(engine: Dockerd, tag: str) -> Digest:
+    out = engine.docker("image", "inspect", "--format", "{{json .RepoDigests}}", tag).stdout
+    return Digest.parse(json.loads(out)[0].split("@", 1)[1])
+
+
+@pytest.fixture(scope="module")
+def env(registry_plain: RegistryServer) -> Iterator[Env]:
+    root = Path(tempfile.mkdtemp(prefix="ig-az-", dir="/tmp"))  # short: socket paths are limited
+    name = f"imageguard-test-{root.name.removeprefix('ig-az-')}"
+    PLUGIN_SPEC_DIR.mkdir(parents=True, exist_ok=True)
+    spec = PLUGIN_SPEC_DIR / f"{name}.spec"
+    spec.write_text(f"unix://{root / 'plugin.sock'}\n")
+    engine = Dockerd(root / "d", extra_args=[f"--authorization-plugin={name}"])
+    config = write_config(
+        root / "config.toml",
+        {
+            "device": {"id": "authz-test"},
+            "engine": {"url": engine.url},
+            "state": {"dir": str(root / "state")},
+            "enforcement": {"stop_grace_seconds": 0, "verify_timeout_seconds": VERIFY_TIMEOUT},
+            "preventive": {"enabled": True, "socket": str(root / "plugin.sock")},
+        },
+    )
+    with config.open("a") as fh:
+        fh.write(f'[[registries]]\nhost = "{registry_plain.host}"\ninsecure = true\n')
+    e = Env(root, name, config, engine, registry_plain)
+    try:
+        e.start_agent()  # the plugin socket must exist before dockerd starts
+        engine.start()
+        _prepare_images(e)
+        yield e
+    finally:
+        try:
+            if e.agent is None:
+                e.start_agent()  # dockerd needs its plugin to clean up
+            engine.remove_all_containers()
+        finally:
+            engine.stop()
+            e.stop_agent()
+            spec.unlink(missing_ok=True)
+            subprocess.run(["rm", "-rf", str(root)], check=False)
+
+
+def _prepare_images(e: Env) -> None:
+    eng = e.engine
+    e.images[ALLOWED] = eng.build_image(ALLOWED, "authz-allowed")
+    e.images[OTHER] = eng.build_image(OTHER, "authz-other")
+    e.images[WRITER] = eng.build_image(WRITER, "authz-writer", ["/bin/busybox", "mktemp", "/out/ran.XXXXXX"])
+    for name in ("signed", "unsigned", "slow"):
+        tag = e.image(name)
+        eng.build_image(tag, f"authz-{name}")
+        eng.docker("push", "-q", tag)
+    pw = e.root / "cosign.password"
+    pw.write_text("authz test\n")
+    prefix = e.root / "cosign"
+    cli(
+        e.config,
+        "generate-key-pair",
+        "--output-key-prefix",
+        str(prefix),
+        "--passphrase-file",
+        str(pw),
+        check=True,
+    )
+    for name in ("signed", "slow"):
+        cli(
+            e.config,
+            "sign",
+            e.image(name),
+            "--key",
+            f"{prefix}.key",
+            "--passphrase-file",
+            str(pw),
+            check=True,
+        )
+    scope = f"{e.registry.host}/ig-az/*"
+    cli(e.config, "anchors", "add", "acme", "--key", f"{prefix}.pub", "--scope", scope, check=True)
+    cli(e.config, "allowlist", "add", e.images[ALLOWED], check=True)
+    allowed = Digest.parse(e.images[ALLOWED])
+    e.wait_policy(lambda p: allowed in p.allowlist and p.anchor("acme") is not None, "allowlist and anchor")
+
+
+@pytest.fixture(autouse=True)
+def clean(env: Env) -> Iterator[None]:
+    env.engine.remove_all_containers()
+    yield
+    if env.agent is not None:
+        env.engine.remove_all_containers()
+
+
+def by_name(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        out.setdefault(r["container"]["name"], []).append(r)
+    return out
+
+
+# -- prevention ------------------------------------------------------------------------------------------
+
+
+def test_unlisted_image_never_executes(env: Env) -> None:
+    out = env.root / "out"
+    out.mkdir(mode=0o777, exist_ok=True)
+    names = [f"writer-{i}" for i in range(100)]
+    for name in names:
+        r = env.run("--name", name, "-v", f"{out}:/out", WRITER)
+        assert r.returncode != 0, r.stdout
+        assert (
+            f"authorization denied by plugin {env.name}: ImageGuard: image {WRITER} is not allowed"
+            in r.stderr
+        )
+        assert "not-allowlisted" in r.stderr
+    assert list(out.iterdir()) == []
+    started = env.engine.docker("inspect", "--format", "{{.State.StartedAt}}", *names).stdout.split()
+    assert started == [NEVER_STARTED] * 100
+    records = [r for r in env.decisions() if r["container"]["name"].startswith("writer-")]
+    assert len(records) == 100
+    assert {(r["trigger"], r["verdict"], r["action"], r["reason"]) for r in records} == {
+        ("prevented", "blocked", "deny", "not-allowlisted")
+    }
+    # control: the same image, once allowed, does write its file (so the empty directory above means something)
+    cli(env.config, "allowlist", "add", env.images[WRITER], check=True)
+    writer = Digest.parse(env.images[WRITER])
+    try:
+        env.wait_policy(lambda p: writer in p.allowlist, "writer allowlisted")
+        r = env.run("--name", "writer-allowed", "-v", f"{out}:/out", WRITER)
+        assert r.returncode == 0, r.stderr
+        assert len(list(out.iterdir())) == 1
+    finally:
+        cli(env.config, "allowlist", "remove", env.images[WRITER], check=True)
+        env.wait_policy(lambda p: writer not in p.allowlist, "writer withdrawn")
+
+
+def test_allowed_and_signed_images_run(env: Env) -> None:
+    env.engine.docker("run", "-d", "--name", "ok", ALLOWED)
+    env.engine.docker("run", "-d", "--name", "signed", env.image("signed"))
+    assert env.state("ok") == "running" and env.state("signed") == "running"
+    r = env.run("-d", "--name", "unsigned", env.image("unsigned"))
+    assert r.returncode != 0 and "authorization denied by plugin" in r.stderr
+    assert env.state("unsigned", "{{.State.StartedAt}}") == NEVER_STARTED
+    records = by_name(env.decisions())
+    first = {
+        n: next(r for r in records[n] if r["trigger"] == "prevented") for n in ("ok", "signed", "unsigned")
+    }
+    assert (first["ok"]["verdict"], first["ok"]["reason"]) == ("allowed", "allowlisted")
+    assert (first["signed"]["verdict"], first["signed"]["reason"]) == ("allowed", "signature-verified")
+    assert first["signed"]["anchor"] == "acme"
+    assert first["unsigned"]["verdict"] == "blocked" and first["unsigned"]["action"] == "deny"
+    assert first["unsigned"]["reason"] in r.stderr
+    # the monitor, still on, sees the allowed starts as well and agrees
+    wait_for(lambda: any(x["trigger"] == "start" for x in by_name(env.decisions()).get("signed", [])), 10)
+
+
+def test_concurrent_starts(env: Env) -> None:
+    """Each start is decided while dockerd asks about the agent's own lookups on other connections."""
+    api = docker.APIClient(base_url=env.engine.url, version="auto", timeout=60)
+    try:
+        ids = [api.create_container(ALLOWED, name=f"par-{i}")["Id"] for i in range(12)]
+        bad = [api.create_container(OTHER, name=f"par-bad-{i}")["Id"] for i in range(4)]
+        errors: list[str] = []
+
+        def start(cid: str) -> None:
+            try:
+                api.start(cid)
+            except docker.errors.APIError as exc:
+                errors.append(str(exc))
+
+        threads = [threading.Thread(target=start, args=(c,)) for c in ids + bad]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert len(errors) == len(bad) and all("not-allowlisted" in e for e in errors)
+        assert all(api.inspect_container(c)["State"]["Running"] for c in ids)
+        assert not any(api.inspect_container(c)["State"]["StartedAt"] != NEVER_STARTED for c in bad)
+    finally:
+        api.close()
+
+
+def test_slow_verification_is_denied_at_the_timeout(env: Env) -> None:
+    env.verifier.delay = VERIFY_TIMEOUT + 2
+    try:
+        t0 = time.monotonic()
+        r = env.run("-d", "--name", "slow", env.image("slow"))
+        waited = time.monotonic() - t0
+    finally:
+        env.verifier.delay = 0
+    assert r.returncode != 0
+    assert "authorization denied by plugin" in r.stderr and "verification-timeout" in r.stderr
+    assert VERIFICATION_WINDOW[0] <= waited < VERIFICATION_WINDOW[1], waited
+    assert env.state("slow", "{{.State.StartedAt}}") == NEVER_STARTED
+    # the verification ran on in the background; once it has succeeded, the next start is allowed at once
+    slow = _repo_digest(env.engine, env.image("slow"))
+    assert env.agent is not None
+    wait_for(lambda: slow in env.agent.store.verified(), timeout=15, what="background verification")  # type: ignore[union-attr]
+    env.agent.enforcer.reload_verified()  # type: ignore[union-attr]
+    env.engine.docker("start", "slow")
+    assert env.state("slow") == "running"
+    reasons = [
+        (r["verdict"], r["reason"]) for r in by_name(env.decisions())["slow"] if r["trigger"] == "prevented"
+    ]
+    assert reasons == [("allowed", "verified-before"), ("blocked", "verification-timeout")]  # newest first
+
+
+VERIFICATION_WINDOW = (VERIFY_TIMEOUT, VERIFY_TIMEOUT + 1.5)
+
+
+# -- modes and the second line ---------------------------------------------------------------------------
+
+
+def test_audit_mode_lets_starts_through_and_enforce_removes_them(env: Env) -> None:
+    cli(env.config, "enforcement", "--mode", "audit", check=True)
+    try:
+        env.wait_policy(lambda p: p.enforcement.mode == "audit", "audit mode")
+        env.engine.docker("run", "-d", "--name", "audited", OTHER)
+        assert env.state("audited") == "running"
+        wait_for(lambda: "audited" in by_name(env.decisions()), 10, what="audit record")
+        assert by_name(env.decisions())["audited"][0]["verdict"] == "would-block"
+    finally:
+        cli(env.config, "enforcement", "--mode", "enforce", check=True)
+    env.wait_policy(lambda p: p.enforcement.mode == "enforce", "enforce mode")
+    wait_for(lambda: env.state("audited") == "absent", 15, what="rescan removes the audited container")
+    r = env.run("-d", "--name", "again", OTHER)
+    assert r.returncode != 0 and "not-allowlisted" in r.stderr
+
+
+def test_container_started_while_the_plugin_was_off_is_removed(env: Env) -> None:
+    """dockerd restarts a --restart=always container by itself, asking no plugin: the monitor catches it."""
+    eng = env.engine
+    eng.stop()
+    env.stop_agent()
+    plugin_args = eng.extra_args
+    eng.extra_args = []
+    try:
+        eng.start()
+        eng.docker("run", "-d", "--restart=always", "--stop-timeout=1", "--name", "slipped", OTHER)
+        eng.stop()
+    finally:
+        eng.extra_args = plugin_args
+    env.start_agent()
+    eng.start()
+    wait_for(lambda: env.state("slipped") == "absent", 30, what="the monitor removes the slipped container")
+    record = by_name(env.decisions())["slipped"][0]
+    assert record["verdict"] == "blocked" and record["action"] == "remove"
+    assert record["trigger"] in ("start", "scan")
+
+
+# -- set-up: doctor, the agent stopped, dockerd without its plugin ---------------------------------------
+
+
+def doctor(env: Env) -> tuple[int, dict[str, dict[str, Any]]]:
+    out = cli(env.config, "doctor", "--json", timeout=60)
+    doc = json.loads(out.stdout)
+    return out.returncode, {c["name"]: c for c in doc["checks"]}
+
+
+def test_doctor_reports_a_healthy_setup(env: Env) -> None:
+    code, checks = doctor(env)
+    assert code == 0, checks
+    assert checks["engine"]["status"] == "ok"
+    assert checks["plugin socket"]["status"] == "ok"
+    assert checks["plugin wiring"]["status"] == "ok" and env.name in checks["plugin wiring"]["detail"]
+    assert checks["state directory"]["status"] == "ok"
+    assert checks["broker"]["status"] == "skip"
+    assert checks["clock"]["status"] == "ok"
+
+
+def test_agent_stopped(env: Env) -> None:
+    """dockerd holds each request while it retries the plugin (about 15 s), then refuses it."""
+    env.stop_agent()
+    api = docker.APIClient(base_url=env.engine.url, version="1.41", timeout=90)
+    try:
+        assert not env.socket.exists()
+        t0 = time.monotonic()
+        with pytest.raises(docker.errors.APIError) as refused:
+            api.containers(all=True)
+        held = time.monotonic() - t0
+        assert f"plugin {env.name} failed with error" in str(refused.value)
+        assert held > 5, held
+        code, checks = doctor(env)
+        assert code == 1
+        assert (
+            checks["plugin socket"]["status"] == "fail"
+            and "does not exist" in checks["plugin socket"]["detail"]
+        )
+        assert checks["engine"]["status"] == "fail" and "refuses it" in checks["engine"]["hint"]
+        wiring = checks["plugin wiring"]
+        assert (
+            wiring["status"] == "ok" and "command line" in wiring["detail"] and env.name in wiring["detail"]
+        )
+    finally:
+        env.start_agent()
+    t0 = time.monotonic()
+    try:
+        api.containers(all=True)  # back at once: dockerd reconnects to the plugin on the next request
+    finally:
+        api.close()
+    assert time.monotonic() - t0 < 5
+
+
+def test_dockerd_will_not_start_without_its_plugin() -> None:
+    root = Path(tempfile.mkdtemp(prefix="ig-az-", dir="/tmp"))
+    name = f"imageguard-absent-{root.name.removeprefix('ig-az-')}"
+    spec = PLUGIN_SPEC_DIR / f"{name}.spec"
+    PLUGIN_SPEC_DIR.mkdir(parents=True, exist_ok=True)
+    spec.write_text(f"unix://{root / 'nobody.sock'}\n")
+    d = Dockerd(root / "d", extra_args=[f"--authorization-plugin={name}"])
+    try:
+        t0 = time.monotonic()
+        with pytest.raises((RuntimeError, subprocess.TimeoutExpired)):
+            d.start(timeout=60)
+        assert d.proc is not None
+        assert d.proc.wait(timeout=60) != 0
+        assert time.monotonic() - t0 > 5  # it retried the plugin before giving up
+        log = (root / "d" / "dockerd.log").read_text()
+        assert "failed to validate authorization plugin" in log
+    finally:
+        d.stop()
+        spec.unlink(missing_ok=True)
+        shutil.rmtree(root, ignore_errors=True)
+        assert not os.path.exists(spec)
