@@ -10,12 +10,15 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from agent.digest import Digest
 from agent.errors import DigestError, PolicyError, RollbackError
 from agent.imageref import ImageRef, scope_matches
 from agent.schemas import validate
+
+if TYPE_CHECKING:
+    from agent.instances import InstanceSpec
 
 Mode = Literal["enforce", "audit"]
 DEVICE_LAYER = "device"
@@ -133,6 +136,8 @@ class PolicyLayer:
     allowlist: tuple[AllowlistEntry, ...] = ()
     trust_anchors: tuple[TrustAnchor, ...] = ()
     target: Mapping[str, str] | None = None
+    #: managed container instances (device layer only; agent/instances.py)
+    instances: tuple[InstanceSpec, ...] = ()
 
     @classmethod
     def from_document(cls, doc: Any, name: str = DEVICE_LAYER, what: str = "policy") -> PolicyLayer:
@@ -157,6 +162,13 @@ class PolicyLayer:
             if name != DEVICE_LAYER:
                 raise PolicyError(f"{what}: at /enforcement: enforcement can only be set in the device layer")
             enforcement = Enforcement(**doc["enforcement"])
+        instances: tuple[InstanceSpec, ...] = ()
+        if "instances" in doc:
+            if name != DEVICE_LAYER:
+                raise PolicyError(f"{what}: at /instances: instances can only be declared in the device layer")
+            from agent.instances import parse_instances
+
+            instances = parse_instances(doc["instances"], what)
         return cls(
             name=name,
             version=int(doc["version"]),  # JSON Schema counts 3.0 as an integer
@@ -164,6 +176,7 @@ class PolicyLayer:
             allowlist=tuple(entries.values()),
             trust_anchors=tuple(anchors.values()),
             target=doc.get("target"),
+            instances=instances,
         )
 
     def to_document(self) -> dict[str, Any]:
@@ -174,6 +187,8 @@ class PolicyLayer:
             doc["enforcement"] = self.enforcement.to_dict()
         doc["allowlist"] = [e.to_dict() for e in self.allowlist]
         doc["trust_anchors"] = [a.to_dict() for a in self.trust_anchors]
+        if self.instances:
+            doc["instances"] = [i.to_document() for i in self.instances]
         return doc
 
     def check_successor(self, new: PolicyLayer) -> bool:
@@ -197,6 +212,7 @@ class PolicyLayer:
             "allowlist": self.allowlist,
             "trust_anchors": self.trust_anchors,
             "target": self.target,
+            "instances": self.instances,
         }
         fields.update(changes)
         return PolicyLayer(**fields)

@@ -5,6 +5,7 @@ The control side only writes here; the enforcement loop reads snapshots (``effec
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from typing import Any, Literal
 from agent.config import Config
 from agent.digest import Digest
 from agent.errors import ImageGuardError, PolicyError
+from agent.instances import enabled_pins
 from agent.policy import (
     DEVICE_LAYER,
     AllowlistEntry,
@@ -76,7 +78,13 @@ class Service:
     def effective(self) -> EffectivePolicy:
         groups = {f"group:{g}" for g in self.config.device.groups}
         layers = [lyr for lyr in self.store.layers() if lyr.name == DEVICE_LAYER or lyr.name in groups]
-        return EffectivePolicy.compose(layers, self.default_enforcement)
+        policy = EffectivePolicy.compose(layers, self.default_enforcement)
+        specs = next((lyr.instances for lyr in layers if lyr.name == DEVICE_LAYER), ())
+        if not specs:
+            return policy
+        # pinned digests of enabled instances allow containers (agent/instances.py)
+        pins = enabled_pins(specs, self.store.instance_states(), policy.anchor)
+        return dataclasses.replace(policy, instance_digests=pins)
 
     def layer(self, name: str = DEVICE_LAYER) -> PolicyLayer:
         return self.store.layer(name)

@@ -19,6 +19,7 @@ from typing import Any
 from agent.decision import VerifiedDigest
 from agent.digest import Digest
 from agent.errors import StateError
+from agent.instances import InstanceState
 from agent.policy import DEVICE_LAYER, PolicyLayer
 
 SCHEMA_VERSION = 1
@@ -52,6 +53,8 @@ PRIORITY_ALERT = 0
 PRIORITY_POLICY = 1
 PRIORITY_BLOCKED_VERDICT = 2
 PRIORITY_ALLOWED_VERDICT = 3
+#: managed instance status changes: as important as policy acknowledgements
+PRIORITY_INSTANCE = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,6 +348,42 @@ class Store:
         doomed = [(d, a) for d, a, fp in rows if keep.get(a) != fp]
         tx.executemany("DELETE FROM verified_digests WHERE digest = ? AND anchor = ?", doomed)
         return len(doomed)
+
+
+    # -- managed instances (agent/instance_manager.py writes, the CLI and service read) ---------
+
+    def instance_states(self) -> dict[str, InstanceState]:
+        rows = self._query(
+            "SELECT name, spec, status, pinned_digest, container_id, reason, updated_at FROM instances"
+        )
+        return {row[0]: InstanceState.from_row(*row) for row in rows}
+
+    def put_instance_state(self, state: InstanceState, telemetry: Iterable[OutboxMessage] = ()) -> None:
+        """Write one instance's state and its telemetry in one transaction."""
+        with self.transaction() as tx:
+            tx.execute(
+                "INSERT INTO instances (name, spec, status, pinned_digest, container_id, reason, updated_at) "
+                "VALUES (?,?,?,?,?,?,?) ON CONFLICT(name) DO UPDATE SET spec=excluded.spec, "
+                "status=excluded.status, pinned_digest=excluded.pinned_digest, "
+                "container_id=excluded.container_id, reason=excluded.reason, updated_at=excluded.updated_at",
+                (
+                    state.name,
+                    json.dumps(state.meta(), sort_keys=True),
+                    state.status,
+                    str(state.pinned_digest) if state.pinned_digest else None,
+                    state.container_id,
+                    state.reason,
+                    state.updated_at,
+                ),
+            )
+            for msg in telemetry:
+                self.enqueue(tx, msg, state.updated_at)
+
+    def delete_instance_state(self, name: str, telemetry: Iterable[OutboxMessage] = (), now: str = "") -> None:
+        with self.transaction() as tx:
+            tx.execute("DELETE FROM instances WHERE name = ?", (name,))
+            for msg in telemetry:
+                self.enqueue(tx, msg, now)
 
 
 def _split(script: str) -> list[str]:
