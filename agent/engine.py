@@ -184,6 +184,64 @@ class Engine:
     def unpause(self, container_id: str) -> None:
         self._call("unpause a container", self._client().unpause, container_id)
 
+    # -- managed containers (agent/instance_manager.py) -----------------------------------------
+
+    def pull(self, repository: str, reference: str, auth: dict[str, str] | None = None) -> None:
+        """Pull ``repository`` at a tag or digest; raises EngineError with the engine's reason."""
+        stream = self._call(
+            f"pull {repository}",
+            self._client().pull,
+            repository,
+            tag=reference,
+            stream=True,
+            decode=True,
+            auth_config=auth,
+        )
+        try:
+            for item in stream:  # the engine reports failures inside a 200 stream
+                if isinstance(item, dict) and item.get("error"):
+                    raise EngineError(f"engine could not pull {repository}:{reference}: {item['error']}")
+        except _CONNECTION_ERRORS as exc:
+            self._local.client = None
+            raise EngineError(f"lost the Docker engine while pulling {repository}: {exc}") from None
+
+    def image_present(self, ref: str) -> bool:
+        try:
+            self._call("inspect an image", self._client().inspect_image, ref)
+        except Gone:
+            return False
+        return True
+
+    def run_container(self, create: dict[str, Any], host: dict[str, Any]) -> str:
+        """Create (docker-py ``create_container`` and ``create_host_config`` arguments) and start.
+
+        A container that cannot start is removed again. Returns its id.
+        """
+        c = self._client()
+        created = self._call(
+            "create a container", c.create_container, host_config=c.create_host_config(**host), **create
+        )
+        container_id = str(created["Id"])
+        try:
+            self._call("start a container", c.start, container_id)
+        except (EngineError, Gone):
+            try:
+                self._call("remove a container", c.remove_container, container_id, force=True)
+            except (EngineError, Gone):
+                log.warning("cannot remove container %s that failed to start", container_id[:12])
+            raise
+        return container_id
+
+    def start(self, container_id: str) -> None:
+        self._call("start a container", self._client().start, container_id)
+
+    def labelled_containers(self, label: str) -> list[dict[str, Any]]:
+        """Every container (running or not) with ``label`` (``key`` or ``key=value``), as listed."""
+        items: list[dict[str, Any]] = self._call(
+            "list containers", self._client().containers, all=True, trunc=False, filters={"label": [label]}
+        )
+        return items
+
     # -- events ----------------------------------------------------------------------------------
 
     def open_events(self, since: str | None) -> EventStream:
