@@ -14,7 +14,7 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__
 from agent.authz import AuthzServer, Gate
@@ -28,6 +28,9 @@ from agent.monitor import Monitor
 from agent.notify import Listener
 from agent.service import Service
 from agent.store import Store
+
+if TYPE_CHECKING:
+    from agent.cloud import CloudConnection
 
 log = logging.getLogger(__name__)
 LOCK_NAME = "agent.lock"
@@ -167,9 +170,23 @@ class Agent:
         self.scanner: Scanner | None = None
         self.listener: Listener | None = None
         self.authz: AuthzServer | None = None
+        self.cloud: CloudConnection | None = None
+
+    def _make_cloud(self) -> CloudConnection:
+        from agent.cloud import CloudConnection  # paho and the control plane load only with [mqtt]
+        from agent.control import ControlContext
+
+        ctx = ControlContext(self.config, self.service, self.engine, lambda: self.enforcer)
+        return CloudConnection(self.config, self.service, ctx)
 
     def start(self) -> None:
         self.lock.acquire()
+        if self.config.mqtt is not None:
+            try:  # bad TLS files or credentials fail here, before anything runs
+                self.cloud = self._make_cloud()
+            except Exception:
+                self.lock.release()
+                raise
         policy = self.service.effective()
         self.enforcer = Enforcer(
             self.engine,
@@ -196,6 +213,8 @@ class Agent:
         self.listener.start()
         self.monitor = Monitor(self.engine, self._on_event, self._on_connected)
         self.monitor.start()
+        if self.cloud is not None:  # after the enforcer: requests and fleet layers may act at once
+            self.cloud.start()
         e = policy.enforcement
         log.info(
             "ImageGuard %s started: device %s, policy version %d, %d allowlisted digests, %d trust anchors, %s",
@@ -221,6 +240,8 @@ class Agent:
 
     def reload(self) -> None:
         """Re-read the policy store (after a CLI or control-plane change) and rescan if needed."""
+        if self.cloud is not None:  # another process may have queued telemetry
+            self.cloud.drainer.wake()
         if self.enforcer is None:
             return
         with self._reload_lock:
@@ -238,6 +259,8 @@ class Agent:
 
     def stop(self) -> None:
         self._stopping.set()
+        if self.cloud is not None:  # first: waits for in-flight telemetry acks, then MQTT/DC
+            self.cloud.stop()
         for part in (self.monitor, self.scanner):
             if part is not None:
                 part.stop()
