@@ -296,6 +296,9 @@ class Enforcer:
             fut = self._inflight.get(key)
             owner = fut is None
             if fut is None:
+                # a verification may have finished since decide() looked (the pause sits in between)
+                if (recent := self._recent_outcome(targets)) is not None:
+                    return recent
                 fut = self._inflight[key] = Future()
         if not owner:
             return fut.result()
@@ -306,6 +309,21 @@ class Enforcer:
         finally:
             with self._lock:
                 self._inflight.pop(key, None)
+
+    def _recent_outcome(self, targets: tuple[VerifyTarget, ...]) -> VerificationOutcome | None:
+        """A result already known for these targets (caller holds the lock), or None."""
+        now = self.clock()
+        for t in targets:
+            fingerprints = {a.fingerprint for a in t.anchors}
+            for record in self._verified.get(t.ref.digest, ()) if t.ref.digest else ():
+                if record.anchor_fingerprint in fingerprints:
+                    return VerificationOutcome(record)
+        names = [frozenset(a.name for a in t.anchors) for t in targets]
+        found = [self._failures.get(t.ref.digest) if t.ref.digest else None for t in targets]
+        if all(f is not None and f[1] > now and f[0].anchors == n for f, n in zip(found, names, strict=True)):
+            first = found[0][0]  # type: ignore[index]
+            return VerificationOutcome(None, first.reason, first.detail + " (cached result)")
+        return None
 
     def _run_verifier(self, targets: tuple[VerifyTarget, ...]) -> VerificationOutcome:
         if self.verifier is None:
