@@ -35,6 +35,7 @@ pytestmark = pytest.mark.integration
 class Images:
     host: str
     pub: Path
+    other_pub: Path
     signed: str
     unsigned: str
     wrong: str  # signed, but with a key no anchor holds
@@ -50,10 +51,16 @@ def push_images(engine: Dockerd, server: RegistryServer, d: Path, prefix: str) -
         d / "signer.toml", {"state": {"dir": str(d / "signer-state")}}, [registry_entry(server)]
     )
     key, pub, pw = generate_keys(config, d / "cosign")
-    other_key, _, other_pw = generate_keys(config, d / "other")
+    other_key, other_pub, other_pw = generate_keys(config, d / "other")
     h = server.host
     images = Images(
-        h, pub, f"{h}/acme/signed:1", f"{h}/acme/unsigned:1", f"{h}/acme/wrong:1", f"{h}/acme/burst:1"
+        h,
+        pub,
+        other_pub,
+        f"{h}/acme/signed:1",
+        f"{h}/acme/unsigned:1",
+        f"{h}/acme/wrong:1",
+        f"{h}/acme/burst:1",
     )
     for image in (images.signed, images.unsigned, images.wrong, images.burst):
         build_and_push(engine, image, f"{prefix}-{image}")
@@ -189,18 +196,26 @@ def test_burst_of_unsigned_starts_costs_one_verification(
     assert reasons == {"signature-invalid"}
 
 
-def test_removing_the_anchor_revokes_what_it_verified(
-    agent: tuple[Path, AgentProcess], engine: Dockerd, images: Images
+@pytest.mark.parametrize("how", ["remove", "change"])
+def test_removing_or_changing_the_anchor_revokes_what_it_verified(
+    agent: tuple[Path, AgentProcess], engine: Dockerd, images: Images, how: str
 ) -> None:
     config, proc = agent
     engine.docker("run", "-d", "--name", "trusted", images.signed)
     proc.wait_log("allowed container trusted")
-    out = cli(config, "anchors", "remove", "acme", "--json")
+    if how == "remove":
+        out = cli(config, "anchors", "remove", "acme", "--json")
+    else:  # same name, another key: what the old key verified is no longer vouched for
+        scope = f"{images.host}/acme/*"
+        out = cli(
+            config, "anchors", "add", "acme", "--key", str(images.other_pub), "--scope", scope, "--json"
+        )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["revoked"] == 1
     gone(engine, "trusted")
     after = last_decision(config, "trusted")
-    assert (after["verdict"], after["reason"]) == ("blocked", "not-allowlisted"), after
+    expected = "not-allowlisted" if how == "remove" else "signature-invalid"
+    assert (after["verdict"], after["reason"]) == ("blocked", expected), after
 
 
 def test_restart_with_registry_down(
