@@ -24,6 +24,7 @@ from agent.enforcer import Enforcer, Verifier
 from agent.engine import Engine
 from agent.errors import StateError
 from agent.events import ContainerEvent
+from agent.instance_manager import InstanceManager
 from agent.monitor import Monitor
 from agent.notify import Listener
 from agent.service import Service
@@ -170,6 +171,7 @@ class Agent:
         self.scanner: Scanner | None = None
         self.listener: Listener | None = None
         self.authz: AuthzServer | None = None
+        self.instances: InstanceManager | None = None
         self.cloud: CloudConnection | None = None
 
     def _make_cloud(self) -> CloudConnection:
@@ -209,7 +211,9 @@ class Agent:
                 raise
         self.scanner = Scanner(self.enforcer)
         self.scanner.start()
-        self.listener = Listener(self.config.state_dir, lambda _msg: self.reload())
+        self.instances = InstanceManager(self.config, self.service, self.engine, on_pins_changed=self.reload)
+        self.instances.start()
+        self.listener = Listener(self.config.state_dir, self._on_notify)
         self.listener.start()
         self.monitor = Monitor(self.engine, self._on_event, self._on_connected)
         self.monitor.start()
@@ -238,6 +242,11 @@ class Agent:
         assert self.scanner is not None
         self.scanner.request("engine events resumed" if reconnect else "agent start")
 
+    def _on_notify(self, message: bytes) -> None:
+        if self.instances is not None and self.instances.on_message(message):
+            return
+        self.reload()
+
     def reload(self) -> None:
         """Re-read the policy store (after a CLI or control-plane change) and rescan if needed."""
         if self.cloud is not None:  # another process may have queued telemetry
@@ -256,12 +265,14 @@ class Agent:
             log.info("policy reloaded: versions %s", dict(new.versions))
         if (reason := rescan_reason(old, new)) is not None and self.scanner is not None:
             self.scanner.request(reason)
+        if self.instances is not None:
+            self.instances.wake()  # declared instances may have changed: reconcile
 
     def stop(self) -> None:
         self._stopping.set()
         if self.cloud is not None:  # first: waits for in-flight telemetry acks, then MQTT/DC
             self.cloud.stop()
-        for part in (self.monitor, self.scanner):
+        for part in (self.instances, self.monitor, self.scanner):
             if part is not None:
                 part.stop()
         if self.listener is not None:
