@@ -74,7 +74,7 @@ def _optional_command_modules() -> list[Any]:
     import importlib
 
     out = []
-    for name in ("agent.cli_verify", "agent.cli_console", "agent.cli_doctor"):
+    for name in ("agent.cli_verify", "agent.cli_console", "agent.cli_doctor", "agent.cli_instances"):
         try:
             out.append(importlib.import_module(name))
         except ModuleNotFoundError as exc:
