@@ -36,6 +36,7 @@ from agent.mqtt.requests import Dispatcher
 from agent.mqtt.topics import Topics
 from agent.policy import group_layer
 from agent.service import Service
+from agent.signed_policy import claimed_version
 from agent.telemetry import DROPPED, OutboxDrainer
 
 log = logging.getLogger(__name__)
@@ -176,9 +177,7 @@ class CloudConnection:
             parsed = accept_layer_document(self.ctx, doc, layer, source)
         except ImageGuardError as exc:
             self.service.store.bump(FLEET_REJECTED)
-            version = doc.get("version") if isinstance(doc, dict) else None
-            ok = isinstance(version, int) and not isinstance(version, bool)
-            self.service.record_rejection(layer, version if ok else None, exc, source)
+            self.service.record_rejection(layer, claimed_version(doc), exc, source)
             return
         except Exception:
             log.exception("fleet policy for group %s: unexpected failure", group)

@@ -32,6 +32,7 @@ from agent.mqtt.requests import Handler, Request, Response, Route
 from agent.policy import DEVICE_LAYER, AllowlistEntry, PolicyLayer, TrustAnchor, group_layer
 from agent.schemas import validate
 from agent.service import ApplyResult, Service
+from agent.signed_policy import PolicyGate, claimed_version
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,12 @@ class ControlContext:
     enforcer: Callable[[], Enforcer | None]
     #: the cloud connection's view of itself (connected, counters); filled in by agent.cloud
     connection_status: Callable[[], dict[str, Any]] = field(default=lambda: {"connected": False})
+    #: signature and target checks of MQTT policy changes (loads mqtt.policy_signing_key once: a bad key
+    #: stops the agent at start-up rather than letting it accept unsigned changes)
+    policy_gate: PolicyGate = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.policy_gate = PolicyGate.from_config(self.config)
 
 
 # --- the signed-policy hook points -----------------------------------------------------------------------
@@ -56,35 +63,19 @@ class ControlContext:
 def accept_layer_document(ctx: ControlContext, doc: Any, layer_name: str, source: str) -> PolicyLayer:
     """Turn a whole layer document that arrived over MQTT into a :class:`PolicyLayer`, or raise.
 
-    Checks the policy schema and meaning, that a fleet layer has no enforcement, and that a ``target``, when
-    present, names this device (device layer) or this group (fleet layer). Rejections are not recorded here:
-    the caller reports them (policy telemetry) with the version it could read.
+    ``doc`` is a bare layer document or a signed envelope (agent/signed_policy.py). With
+    ``mqtt.policy_signing_key`` only a validly signed envelope naming this device (device layer) or this
+    group (fleet layer) passes (else PolicySignatureError, 403); without it a ``target``, when present,
+    must name this device or group (400). Then the policy schema and meaning are checked (a fleet layer has
+    no enforcement). Versions are the policy service's: older -> RollbackError, equal -> unchanged.
+    Rejections are not recorded here: the caller reports them with :func:`claimed_version`.
     """
-    layer = PolicyLayer.from_document(doc, layer_name, what=f"policy layer {layer_name!r}")
-    expected = (
-        {"device": ctx.config.device.id}
-        if layer_name == DEVICE_LAYER
-        else {"group": layer_name.removeprefix("group:")}
-    )
-    if layer.target is not None and dict(layer.target) != expected:
-        raise PolicyError(
-            f"policy layer {layer_name!r}: at /target: the document is for {dict(layer.target)}, "
-            f"not for {expected}",
-            code="wrong-target",
-        )
-    return layer
+    return ctx.policy_gate.accept(doc, layer_name)
 
 
 def check_partial_edit(ctx: ControlContext, what: str) -> None:
     """Refuse piecemeal changes when the device requires signed whole-layer documents (403)."""
-    mqtt = ctx.config.mqtt
-    if mqtt is not None and mqtt.policy_signing_key is not None:
-        raise ControlError(
-            403,
-            f"{what}: this device accepts only signed policy documents; send the whole signed device layer "
-            "with PUT policy",
-            code="signature-required",
-        )
+    ctx.policy_gate.require_whole_document(what)
 
 
 # --- helpers ---------------------------------------------------------------------------------------------
@@ -116,10 +107,7 @@ def _not_found(exc: PolicyError) -> ControlError:
 
 
 def _reject(ctx: ControlContext, layer: str, doc: Any, exc: ImageGuardError, source: str) -> None:
-    version = doc.get("version") if isinstance(doc, dict) else None
-    ctx.service.record_rejection(
-        layer, version if isinstance(version, int) and not isinstance(version, bool) else None, exc, source
-    )
+    ctx.service.record_rejection(layer, claimed_version(doc), exc, source)
 
 
 # --- policy ----------------------------------------------------------------------------------------------

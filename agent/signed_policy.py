@@ -37,7 +37,14 @@ from agent.cosign.keys import (
     sign,
     verify_signature,
 )
-from agent.errors import ConfigError, InputError, KeyMaterialError, PolicySignatureError, VerificationError
+from agent.errors import (
+    ConfigError,
+    InputError,
+    KeyMaterialError,
+    PolicyError,
+    PolicySignatureError,
+    VerificationError,
+)
 from agent.policy import DEVICE_LAYER, PolicyLayer
 from agent.schemas import validate
 
@@ -245,7 +252,7 @@ class PolicyGate:
                 )
             return
         if target != expected:
-            raise PolicySignatureError(
-                f"{what}: the document is for {target}, not for this {next(iter(expected))} ({expected})",
-                code="policy-wrong-target",
-            )
+            message = f"{what}: at /target: the document is for {target}, not for {expected}"
+            if self.verifier is None:  # a misdirected document, not a signature matter: 400
+                raise PolicyError(message, code="wrong-target")
+            raise PolicySignatureError(message, code="policy-wrong-target")  # a replay: 403

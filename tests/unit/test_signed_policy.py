@@ -19,6 +19,7 @@ from agent.errors import (
     ConfigError,
     InputError,
     KeyMaterialError,
+    PolicyError,
     PolicySignatureError,
     SchemaError,
 )
@@ -239,8 +240,9 @@ def test_gate_without_signing_accepts_bare_and_enveloped_documents(p256: Private
     gate.require_whole_document("POST allowlist")  # piecemeal changes are fine without a key
     assert gate.accept({"version": 2}).version == 2
     assert gate.accept(sign_policy(doc(version=4), p256)).version == 4
-    with pytest.raises(PolicySignatureError, match="not for this device"):
+    with pytest.raises(PolicyError, match="at /target: the document is for") as err:
         gate.accept(doc(target={"device": "dev-9"}))
+    assert not isinstance(err.value, PolicySignatureError)  # 400 without signing, 403 with
     with pytest.raises(InputError, match="JSON object"):
         gate.accept([1, 2])
 
