@@ -142,6 +142,7 @@ class OutboxDrainer:
     # --- control ---------------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._wake.set()  # a first pass: rows left by the previous run
         self._thread.start()
 
     def wake(self) -> None:
