@@ -143,7 +143,7 @@ class Subscriber:
         result = []
         for line in out.decode(errors="replace").splitlines():
             if line.startswith("PAYLOAD "):
-                _, topic, hexed = (line.split(" ", 2) + [""])[:3]
+                _, topic, hexed = [*line.split(" ", 2), ""][:3]
                 result.append((topic, bytes.fromhex(hexed)))
         return result
 
