@@ -28,6 +28,7 @@ from agent.enforcer import Enforcer
 from agent.engine import Engine, Gone
 from agent.errors import ControlError, EngineError, ImageGuardError, InputError, PolicyError, SchemaError
 from agent.imageref import ImageRef
+from agent.instance_manager import InstanceManager, control_routes
 from agent.mqtt.requests import Handler, Request, Response, Route
 from agent.policy import DEVICE_LAYER, AllowlistEntry, PolicyLayer, TrustAnchor, group_layer
 from agent.schemas import validate
@@ -49,6 +50,8 @@ class ControlContext:
     enforcer: Callable[[], Enforcer | None]
     #: the cloud connection's view of itself (connected, counters); filled in by agent.cloud
     connection_status: Callable[[], dict[str, Any]] = field(default=lambda: {"connected": False})
+    #: the agent's instance manager, once started (``EXEC instances/{name}/update`` asks it)
+    instances: Callable[[], InstanceManager | None] = field(default=lambda: None)
     #: signature and target checks of MQTT policy changes (loads mqtt.policy_signing_key once: a bad key
     #: stops the agent at start-up rather than letting it accept unsigned changes)
     policy_gate: PolicyGate = field(init=False)
@@ -389,4 +392,9 @@ def routes(ctx: ControlContext) -> dict[Route, Handler]:
     def bind(fn: Callable[[ControlContext, Request], Response]) -> Handler:
         return lambda req: fn(ctx, req)
 
-    return {route: bind(fn) for route, fn in _TABLE.items()}
+    table = {route: bind(fn) for route, fn in _TABLE.items()}
+    # managed instances: GET instances, GET|PUT|DEL instances/{name}, EXEC instances/{name}/update
+    table.update(
+        control_routes(ctx.service, ctx.instances, check_edit=lambda what: check_partial_edit(ctx, what))
+    )
+    return table
