@@ -178,7 +178,9 @@ class Agent:
         from agent.cloud import CloudConnection  # paho and the control plane load only with [mqtt]
         from agent.control import ControlContext
 
-        ctx = ControlContext(self.config, self.service, self.engine, lambda: self.enforcer)
+        ctx = ControlContext(
+            self.config, self.service, self.engine, lambda: self.enforcer, instances=lambda: self.instances
+        )
         return CloudConnection(self.config, self.service, ctx)
 
     def start(self) -> None:
