@@ -501,6 +501,10 @@ class InstanceManager:
             if not have_pin:
                 raise
             return self._update_failed(spec, state, failure, ticket, now)
+        if old is not None:
+            # the old container goes before its digest is withdrawn: the rescan that follows finds nothing
+            # of ours to block
+            self._remove_quietly(name, spec)
         outcome = {"result": "updated", "digest": str(digest)}
         if old is not None:
             outcome["previous"] = str(old)
