@@ -164,7 +164,7 @@ def _anchor_from_flags(
 
 
 def _flag_name(kind: str, path: str) -> str:
-    """An anchor name for a key or CA given on the command line, e.g. ``key:cosign.pub``."""
+    """An anchor name for a key or CA given on the command line, e.g. ``key-cosign.pub``."""
     return f"{kind}-" + re.sub(r"[^A-Za-z0-9._-]", "_", Path(path).name)[:58]
 
 

@@ -250,3 +250,17 @@ def test_restart_with_registry_down(
         assert running(engine, "keep")
     finally:
         assert second.stop() == 0
+
+
+def test_verify_without_key_uses_the_device_anchors(
+    tmp_path: Path, engine: Dockerd, registry: RegistryServer, images: Images
+) -> None:
+    config = agent_config(tmp_path, engine, registry, images)
+    ok = cli(config, "verify", images.signed, "--json")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert json.loads(ok.stdout)["anchor"] == "acme"
+    bad = cli(config, "verify", images.wrong, "--json")
+    assert bad.returncode == 1 and json.loads(bad.stdout)["reason"] == "signature-invalid"
+    # outside every anchor's scope: nothing can vouch for it
+    outside = cli(config, "verify", f"{images.host}/elsewhere/app:1")
+    assert outside.returncode == 2 and "no trust anchor" in outside.stderr
