@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -31,6 +32,8 @@ LABEL_INSTANCE = "dev.imageguard.instance"
 LABEL_CONFIG = "dev.imageguard.config"
 RESERVED_LABEL_PREFIX = "dev.imageguard."
 DEFAULT_STOP_TIMEOUT = 10
+
+_REQUIRED = re.compile(r"'([^']+)' is a required property")
 
 Status = Literal["pending", "pulling", "verifying", "running", "failed", "disabled"]
 
@@ -123,7 +126,10 @@ class InstanceSpec:
         try:
             validate(doc, "instance", what)
         except SchemaError as exc:
-            raise SchemaError(what, pointer + exc.pointer, exc.detail) from None
+            # name the missing field itself, as for unknown fields
+            missing = _REQUIRED.fullmatch(exc.detail)
+            at = f"{exc.pointer}/{_escape(missing.group(1))}" if missing else exc.pointer
+            raise SchemaError(what, pointer + at, exc.detail) from None
 
         def bad(at: str, detail: str) -> SchemaError:
             return SchemaError(what, f"{pointer}/{at}", detail)

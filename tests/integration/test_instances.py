@@ -19,8 +19,20 @@ import pytest
 
 from agent.digest import Digest
 from agent.store import Store
-from tests.fixtures.registry import REGISTRY_BIN, RegistryServer, _Running, _wait_ready, start_registry, stop_registry
-from tests.integration.test_verify_cli import build_and_push, generate_keys, registry_entry, write_agent_config
+from tests.fixtures.registry import (
+    REGISTRY_BIN,
+    RegistryServer,
+    _Running,
+    _wait_ready,
+    start_registry,
+    stop_registry,
+)
+from tests.integration.test_verify_cli import (
+    build_and_push,
+    generate_keys,
+    registry_entry,
+    write_agent_config,
+)
 from tests.support.agentproc import AgentProcess, cli, wait_for
 from tests.support.dockerd import Dockerd
 
@@ -84,11 +96,22 @@ class Setup:
         ref = f"{self.registry.host}/{repo}:{tag}"
         digest = build_and_push(self.engine, ref, marker)
         if sign:
-            cli(self.config, "sign", ref, "--key", str(self.key), "--passphrase-file", str(self.password), check=True)
+            cli(
+                self.config,
+                "sign",
+                ref,
+                "--key",
+                str(self.key),
+                "--passphrase-file",
+                str(self.password),
+                check=True,
+            )
         self.engine.docker("rmi", "-f", ref)
         return digest
 
-    def apply(self, spec: dict[str, Any] | list[dict[str, Any]], tmp: Path) -> subprocess.CompletedProcess[str]:
+    def apply(
+        self, spec: dict[str, Any] | list[dict[str, Any]], tmp: Path
+    ) -> subprocess.CompletedProcess[str]:
         path = tmp / "spec.json"
         path.write_text(json.dumps(spec))
         return cli(self.config, "instances", "apply", str(path), "--json")
@@ -176,14 +199,19 @@ def web_spec(setup: Setup, repo: str, **run: Any) -> dict[str, Any]:
         "tag": "stable",
         # inline: no policy anchor covers the image, so only the instance's pin can allow it
         "trust_anchor": {"pem": setup.pub.read_text()},
-        "run": {"environment": {"COLOUR": "blue"}, "labels": {"team": "edge"}, "stop_timeout_seconds": 0, **run},
+        "run": {
+            "environment": {"COLOUR": "blue"},
+            "labels": {"team": "edge"},
+            "stop_timeout_seconds": 0,
+            **run,
+        },
     }
 
 
 def test_pin_run_update_reject_and_disable(setup: Setup, agent: AgentProcess, tmp_path: Path) -> None:
     engine, host = setup.engine, setup.registry.host
     d1 = setup.push("it/web", "stable", "web-v1", sign=True)
-    assert not engine.docker("image", "inspect", f"{host}/it/web@{d1}", check=False).returncode == 0
+    assert engine.docker("image", "inspect", f"{host}/it/web@{d1}", check=False).returncode != 0
 
     # tag v1, signed: runs pinned to v1's digest, from repo@digest, with the declared options and our labels
     out = setup.apply(web_spec(setup, "it/web"), tmp_path)
@@ -209,7 +237,9 @@ def test_pin_run_update_reject_and_disable(setup: Setup, agent: AgentProcess, tm
     result = json.loads(out.stdout)
     assert result["result"] == "updated" and result["digest"] == str(d2) and result["previous"] == str(d1)
     setup.wait_status("web", "running", pinned_digest=str(d2))
-    wait_for(lambda: (c := container(engine, "web")) is not None and c["Id"] != c1["Id"], 20, what="replacement")
+    wait_for(
+        lambda: (c := container(engine, "web")) is not None and c["Id"] != c1["Id"], 20, what="replacement"
+    )
     c2 = container(engine, "web")
     assert c2 is not None and c2["Config"]["Image"] == f"{host}/it/web@{d2}" and c2["State"]["Running"]
 
@@ -225,9 +255,13 @@ def test_pin_run_update_reject_and_disable(setup: Setup, agent: AgentProcess, tm
     assert state["reason"] == "update-rejected"
     c = container(engine, "web")
     assert c is not None and c["Id"] == c2["Id"] and c["State"]["Running"]
-    alerts = [m for m in setup.outbox() if m["kind"] == "alerts" and m.get("alert") == "instance-update-rejected"]
+    alerts = [
+        m for m in setup.outbox() if m["kind"] == "alerts" and m.get("alert") == "instance-update-rejected"
+    ]
     assert len(alerts) == 1 and alerts[0]["instance"] == "web" and alerts[0]["pinned_digest"] == str(d2)
-    assert engine.docker("image", "inspect", f"{host}/it/web@{d3}", check=False).returncode != 0  # never pulled
+    assert (
+        engine.docker("image", "inspect", f"{host}/it/web@{d3}", check=False).returncode != 0
+    )  # never pulled
 
     # changing run options recreates the container and touches nothing else
     out = setup.apply(web_spec(setup, "it/web", environment={"COLOUR": "green"}), tmp_path)
@@ -259,7 +293,9 @@ def test_pin_run_update_reject_and_disable(setup: Setup, agent: AgentProcess, tm
     wait_for(lambda: cli(setup.config, "instances", "show", "web").returncode == 1, 20, what="state removed")
 
 
-def test_enforcement_digest_vouches_without_verification(setup: Setup, agent: AgentProcess, tmp_path: Path) -> None:
+def test_enforcement_digest_vouches_without_verification(
+    setup: Setup, agent: AgentProcess, tmp_path: Path
+) -> None:
     host = setup.registry.host
     digest = setup.push("it/vouched", "1", "vouched", sign=False)
     other = setup.push("it/vouched", "2", "vouched-other", sign=False)
@@ -285,11 +321,15 @@ def test_enforcement_digest_vouches_without_verification(setup: Setup, agent: Ag
 
 def test_named_anchor_and_restart_with_registry_down(setup: Setup, tmp_path: Path) -> None:
     engine, host = setup.engine, setup.registry.host
-    cli(setup.config, "anchors", "add", "team", "--key", str(setup.pub), "--scope", f"{host}/it/*", check=True)
+    cli(
+        setup.config, "anchors", "add", "team", "--key", str(setup.pub), "--scope", f"{host}/it/*", check=True
+    )
     setup.push("it/api", "1", "api-v1", sign=True)
     setup.push("it/late", "1", "late-v1", sign=True)
     run = {"stop_timeout_seconds": 0}
-    out = setup.apply({"name": "api", "image": f"{host}/it/api", "tag": "1", "trust_anchor": "team", "run": run}, tmp_path)
+    out = setup.apply(
+        {"name": "api", "image": f"{host}/it/api", "tag": "1", "trust_anchor": "team", "run": run}, tmp_path
+    )
     assert out.returncode == 0, out.stderr
     first = AgentProcess(setup.config, tmp_path / "agent.log").start()
     try:
@@ -301,7 +341,8 @@ def test_named_anchor_and_restart_with_registry_down(setup: Setup, tmp_path: Pat
     setup.registry.stop()
     try:
         out = setup.apply(
-            {"name": "late", "image": f"{host}/it/late", "tag": "1", "trust_anchor": "team", "run": run}, tmp_path
+            {"name": "late", "image": f"{host}/it/late", "tag": "1", "trust_anchor": "team", "run": run},
+            tmp_path,
         )
         assert out.returncode == 0, out.stderr
         again = AgentProcess(setup.config, tmp_path / "agent2.log").start()
