@@ -155,6 +155,12 @@ class LazyVerifier:
                 self._real = build_verifier(self._config)
         return self._real.verify(targets, timeout)
 
+    def close(self) -> None:
+        with self._lock:
+            close = getattr(self._real, "close", None)
+        if close is not None:
+            close()
+
 
 class Agent:
     def __init__(self, config: Config, *, verifier: Verifier | None = None) -> None:
@@ -281,6 +287,8 @@ class Agent:
             self.listener.close()
         if self.enforcer is not None:
             self.enforcer.close()
+        if (close_verifier := getattr(self._verifier, "close", None)) is not None:
+            close_verifier()
         if self.authz is not None:  # last: the parts above still talk to dockerd, which asks the plugin
             self.authz.close()
         self.store.close()
