@@ -58,9 +58,12 @@ class Engine:
         if self._version is None:
             self._version = self._negotiate()
         try:
-            return docker.APIClient(base_url=self.url, version=self._version, timeout=timeout)
+            client = docker.APIClient(base_url=self.url, version=self._version, timeout=timeout)
         except docker.errors.DockerException as exc:
             raise EngineError(f"cannot use the Docker engine at {self.url}: {exc}") from None
+        if self.url.startswith("unix://"):
+            client.trust_env = False  # no proxy applies to a socket; spares an environ scan per request
+        return client
 
     def _negotiate(self) -> str:
         """Pick the API version once; unlike docker-py's "auto", close the probe's socket on failure."""
