@@ -40,6 +40,10 @@ from agent.store import Store
 log = logging.getLogger(__name__)
 
 
+#: how long a start the authorization plugin allowed spares the monitor deciding again on its start event
+AUTHORIZED_TTL = 30.0
+
+
 class Verifier(Protocol):
     """Checks signatures for pending decisions (see agent/verification.py)."""
 
@@ -123,6 +127,8 @@ class Enforcer:
         self._verified = store.verified()
         self._failures: dict[Digest, tuple[FailedVerification, float]] = {}
         self._inflight: dict[tuple[Any, ...], Future[VerificationOutcome]] = {}
+        #: container id -> (policy, time) of a start the authorization plugin just allowed
+        self._authorized: dict[str, tuple[EffectivePolicy, float]] = {}
         self._lock = threading.Lock()
         self._lanes = Lanes(lanes)
 
@@ -175,6 +181,9 @@ class Enforcer:
     # -- one container -----------------------------------------------------------------------------
 
     def handle(self, container_id: str, trigger: str, *, dry_run: bool = False) -> Handled | None:
+        if trigger == "start" and self._just_authorized(container_id):
+            log.debug("container %s was allowed before it started; not deciding again", container_id[:12])
+            return None
         try:
             facts = self.engine.container_facts(container_id)
         except Gone:
@@ -223,7 +232,21 @@ class Enforcer:
         action = "deny" if decision.verdict == "blocked" else "none"
         record = self._record(decision, facts, policy, "prevented", action)
         self._save(record)
+        if decision.verdict == "allowed":
+            with self._lock:
+                self._authorized[facts.id] = (policy, self.clock())
+                if len(self._authorized) > 4096:  # bounded: drop the oldest
+                    del self._authorized[next(iter(self._authorized))]
         return Handled(record, decision, facts)
+
+    def _just_authorized(self, container_id: str) -> bool:
+        """Whether the start event follows a start the plugin allowed under the policy still in force.
+
+        Consumed once: a later start (a restart policy, which asks no plugin) is decided again.
+        """
+        with self._lock:
+            entry = self._authorized.pop(container_id, None)
+        return entry is not None and entry[0] is self._policy and self.clock() - entry[1] < AUTHORIZED_TTL
 
     def _verify_within(self, targets: tuple[VerifyTarget, ...]) -> VerificationOutcome:
         timeout = self.settings.verify_timeout_seconds
