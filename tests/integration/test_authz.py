@@ -262,8 +262,6 @@ def test_allowed_and_signed_images_run(env: Env) -> None:
     assert first["signed"]["anchor"] == "acme"
     assert first["unsigned"]["verdict"] == "blocked" and first["unsigned"]["action"] == "deny"
     assert first["unsigned"]["reason"] in r.stderr
-    # the monitor, still on, sees the allowed starts as well and agrees
-    wait_for(lambda: any(x["trigger"] == "start" for x in by_name(env.decisions()).get("signed", [])), 10)
 
 
 def test_concurrent_starts(env: Env) -> None:

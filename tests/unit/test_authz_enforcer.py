@@ -48,7 +48,10 @@ CONTAINERS = {
 class FakeEngine:
     """Container lookups only; any action on the engine fails the test."""
 
+    lookups = 0
+
     def container_facts(self, cid: str) -> ContainerFacts:
+        FakeEngine.lookups += 1
         if cid not in CONTAINERS:
             raise Gone(cid)
         return CONTAINERS[cid]
@@ -183,3 +186,22 @@ def test_without_a_verifier_a_covered_image_is_refused(store: Store) -> None:
         e.close()
     assert handled.decision.verdict == "blocked"
     assert handled.decision.reason == Reason.VERIFICATION_ERROR
+
+
+def test_monitor_skips_a_start_just_allowed_under_the_same_policy(store: Store) -> None:
+    e = enforcer(store, None)
+    try:
+        e.authorize("listed")
+        before = FakeEngine.lookups
+        assert e.handle("listed", "start") is None  # the start event of the allowed start
+        assert FakeEngine.lookups == before
+        again = e.handle("listed", "start")  # consumed: a later start (restart policy) is decided again
+        assert again is not None and again.record["trigger"] == "start"
+        e.authorize("listed")
+        e.set_policy(policy())  # a new policy: the earlier answer no longer stands
+        assert e.handle("listed", "start") is not None
+        e.authorize("unlisted")  # only allowed starts are remembered
+        with pytest.raises(AssertionError, match="must not act"):
+            e.handle("unlisted", "start")  # decided again, and the monitor would remove it
+    finally:
+        e.close()
