@@ -360,3 +360,77 @@ def test_named_anchor_and_restart_with_registry_down(setup: Setup, tmp_path: Pat
     finally:
         if setup.registry.running.proc.poll() is not None:
             setup.registry.start()
+
+
+def test_periodic_update_check(setup: Setup, agent: AgentProcess, tmp_path: Path) -> None:
+    d1 = setup.push("it/periodic", "stable", "periodic-v1", sign=True)
+    out = setup.apply(
+        dict(web_spec(setup, "it/periodic"), name="periodic", update_interval_seconds=10), tmp_path
+    )
+    assert out.returncode == 0, out.stderr
+    setup.wait_status("periodic", "running", pinned_digest=str(d1))
+    d2 = setup.push("it/periodic", "stable", "periodic-v2", sign=True)
+    # nobody asks: the agent's own check finds the new digest, verifies it and moves the instance
+    state = setup.wait_status("periodic", "running", timeout=40, pinned_digest=str(d2))
+    assert state["last_update"]["id"] == "periodic" and state["last_update"]["result"] == "updated"
+    c = container(setup.engine, "periodic")
+    assert c is not None and c["Config"]["Image"].endswith(f"@{d2}")
+
+
+def test_private_registry_pull_with_credentials(
+    tmp_path: Path, engine: Dockerd, registry_token: tuple[RegistryServer, Any]
+) -> None:
+    server, _ = registry_token
+    env = {**engine.env, "DOCKER_CONFIG": str(tmp_path / "docker-config")}
+    subprocess.run(
+        ["docker", "login", server.host, "-u", str(server.username), "--password-stdin"],
+        input=server.password,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    ref = f"{server.host}/it/private:1"
+    digest = build_and_push(engine, ref, "private", env=env)
+    engine.docker("rmi", "-f", ref)
+    entry = registry_entry(server)
+    entry["insecure"] = True
+    config = write_agent_config(
+        tmp_path / "config.toml",
+        {
+            "device": {"id": "instances-private"},
+            "engine": {"url": engine.url},
+            "state": {"dir": str(tmp_path / "state")},
+            "enforcement": {"stop_grace_seconds": 0},
+        },
+        [entry],
+    )
+    key, pub, pw = generate_keys(config, tmp_path / "cosign")
+    cli(config, "sign", ref, "--key", str(key), "--passphrase-file", str(pw), check=True)
+    spec = {
+        "name": "private",
+        "image": f"{server.host}/it/private",
+        "tag": "1",
+        "trust_anchor": {"pem": pub.read_text()},
+        "registry_credentials": server.host,
+        "run": {"stop_timeout_seconds": 0},
+    }
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    cli(config, "instances", "apply", str(tmp_path / "spec.json"), check=True)
+    proc = AgentProcess(config, tmp_path / "agent.log").start()
+    try:
+        wait_for(
+            lambda: (
+                json.loads(cli(config, "instances", "show", "private", "--json").stdout).get("status")
+                in ("running", "failed")
+            ),
+            60,
+            what="instance private settled",
+        )
+        state = json.loads(cli(config, "instances", "show", "private", "--json").stdout)
+        assert state["status"] == "running" and state["pinned_digest"] == str(digest), state
+        c = container(engine, "private")
+        assert c is not None and c["State"]["Running"]
+    finally:
+        assert proc.stop() == 0, proc.log()
