@@ -258,6 +258,11 @@ class InstanceManager:
             explicit = tickets.get(name, [])
             wanted = bool(explicit) or (spec is not None and update_due(spec, states.get(name), now))
             state = self._reconcile_one(name, spec, states.get(name), policy, wanted, explicit)
+            if explicit and state is not None and (state.last_update or {}).get("id") != explicit[-1].id:
+                # nothing was resolved (disabled, or removed meanwhile): the asker still gets an answer
+                why = "disabled" if spec is not None and not spec.enabled else "not-found"
+                outcome = {"result": "failed", "reason": why, "detail": f"instance {name} is {why}"}
+                state = self._set(name, spec, state, last_update=_outcome(explicit[-1].id, outcome))
             for t in explicit:
                 t.result = (
                     state.last_update if state is not None else {"result": "failed", "reason": "not-found"}

@@ -281,6 +281,8 @@ def test_pin_run_update_reject_and_disable(setup: Setup, agent: AgentProcess, tm
     gone(engine, "web")
     gone(engine, "by-hand")
     setup.wait_status("web", "disabled")
+    out = cli(setup.config, "instances", "update", "web", "--json", timeout=30)
+    assert out.returncode == 1 and json.loads(out.stdout)["reason"] == "disabled", out.stdout + out.stderr
     engine.docker("run", "-d", "--name", "by-hand-2", f"{host}/it/web@{d2}")
     gone(engine, "by-hand-2")
 
