@@ -252,3 +252,19 @@ def test_mqtt_edits_refused_when_signed_documents_are_required(tmp_path: Path) -
 def test_mqtt_update_without_a_manager_is_503(h: Harness) -> None:
     h.request("PUT/instances/web", spec_doc())
     assert h.request("EXEC/instances/web/update")[0] == 503
+
+
+def test_control_table_serves_the_instance_resources(h: Harness) -> None:
+    from agent.control import ControlContext, routes
+    from agent.engine import Engine
+
+    ctx = ControlContext(h.config, h.service, Engine("unix:///nonexistent.sock"), lambda: None)
+    table = routes(ctx)
+    for route in (
+        ("GET", ("instances",)),
+        ("GET", ("instances", "{name}")),
+        ("PUT", ("instances", "{name}")),
+        ("DEL", ("instances", "{name}")),
+        ("EXEC", ("instances", "{name}", "update")),
+    ):
+        assert route in table, route
