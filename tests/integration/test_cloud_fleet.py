@@ -104,10 +104,14 @@ def test_retained_group_layer_and_every_outcome_acknowledged(
     layer = {"version": 2, "target": {"group": "g1"}, "allowlist": [{"digest": other_id, "comment": "fleet"}]}
     publish(broker, FLEET, layer_payload(layer), "-r")  # retained, before the device exists
     acks = Stream(broker, POLICY_ACKS)
+    lifecycle = Stream(broker, f"$EDC/{ACCOUNT}/{DEVICE}/MQTT/+")
     config = agent_config(tmp_path, engine, broker, device={"id": DEVICE, "groups": ["g1"]})
     agent = AgentProcess(config, tmp_path / "agent.log")
     try:
         agent.start()
+        birth = lifecycle.next().metrics
+        assert birth["application_ids"] == APP and birth["imageguard_groups"] == "g1"
+        assert birth["imageguard_outbox_dropped"] == "0" and "imageguard_policy_version" in birth
         applied = expect_ack(acks, 2, "applied")
         assert applied["source"] == "fleet:g1"
         engine.docker("run", "-d", "--name", "fleet-allowed", OTHER)  # allowed by the group layer only
@@ -133,7 +137,9 @@ def test_retained_group_layer_and_every_outcome_acknowledged(
         assert status["policy"]["layers"] == {"group:g1": 2}
         assert engine.docker("inspect", "fleet-allowed", check=False).returncode == 0
         assert agent.stop() == 0
+        assert set(lifecycle.next().metrics) == {"uptime", "display_name"}  # MQTT/DC on a clean stop
     finally:
+        lifecycle.close()
         acks.close()
         if agent.proc is not None:
             agent.stop()
