@@ -35,8 +35,8 @@ from agent.mqtt.kurapayload import KuraMessage
 from agent.mqtt.requests import Dispatcher
 from agent.mqtt.topics import Topics
 from agent.policy import group_layer
+from agent.policy_gate import claimed_version
 from agent.service import Service
-from agent.signed_policy import claimed_version
 from agent.telemetry import DROPPED, OutboxDrainer
 
 log = logging.getLogger(__name__)

@@ -31,9 +31,9 @@ from agent.imageref import ImageRef
 from agent.instance_manager import InstanceManager, control_routes
 from agent.mqtt.requests import Handler, Request, Response, Route
 from agent.policy import DEVICE_LAYER, AllowlistEntry, PolicyLayer, TrustAnchor, group_layer
+from agent.policy_gate import PolicyGate, claimed_version
 from agent.schemas import validate
 from agent.service import ApplyResult, Service
-from agent.signed_policy import PolicyGate, claimed_version
 
 log = logging.getLogger(__name__)
 

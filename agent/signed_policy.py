@@ -27,7 +27,6 @@ from typing import Any
 import rfc8785
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from agent.config import Config
 from agent.cosign.encoding import b64decode_strict, b64encode
 from agent.cosign.keys import (
     PrivateKey,
@@ -41,14 +40,24 @@ from agent.errors import (
     ConfigError,
     InputError,
     KeyMaterialError,
-    PolicyError,
     PolicySignatureError,
     VerificationError,
 )
-from agent.policy import DEVICE_LAYER, PolicyLayer
+from agent.policy_gate import ENVELOPE_SCHEMA, PolicyGate, claimed_version, is_envelope, target_for_layer
 from agent.schemas import validate
 
-ENVELOPE_SCHEMA = "signed-policy"
+# the gate is the light half of this module (no crypto until a key is provisioned); re-exported here
+__all__ = [
+    "ENVELOPE_SCHEMA",
+    "PolicyGate",
+    "PolicyVerifier",
+    "algorithm_for",
+    "canonical_bytes",
+    "claimed_version",
+    "is_envelope",
+    "sign_policy",
+    "target_for_layer",
+]
 
 #: envelope ``algorithm`` -> (curve name or "ed25519", what keys.verify_signature reports when it verifies)
 ALGORITHMS: dict[str, tuple[str, str]] = {
@@ -83,27 +92,6 @@ def canonical_bytes(document: Any) -> bytes:
         return rfc8785.dumps(document)
     except rfc8785.CanonicalizationError as exc:
         raise InputError(f"policy document cannot be canonicalised (RFC 8785): {exc}") from None
-
-
-def target_for_layer(layer: str, device_id: str) -> dict[str, str]:
-    """The ``target`` a document for ``layer`` must name: ``{"device": id}`` or ``{"group": name}``."""
-    if layer == DEVICE_LAYER:
-        return {"device": device_id}
-    if layer.startswith("group:") and len(layer) > len("group:"):
-        return {"group": layer[len("group:") :]}
-    raise InputError(f"unknown policy layer {layer!r}: expected 'device' or 'group:NAME'")
-
-
-def is_envelope(body: Any) -> bool:
-    """True if ``body`` is shaped as a signed envelope (rather than a bare layer document)."""
-    return isinstance(body, Mapping) and "document" in body and "signature" in body
-
-
-def claimed_version(body: Any) -> int | None:
-    """The version a body claims (bare or enveloped), for rejection reports; None if unreadable."""
-    doc = body.get("document") if is_envelope(body) else body
-    version = doc.get("version") if isinstance(doc, Mapping) else None
-    return version if isinstance(version, int) and not isinstance(version, bool) else None
 
 
 def sign_policy(document: Mapping[str, Any], private_key: PrivateKey) -> dict[str, Any]:
@@ -190,69 +178,3 @@ class PolicyVerifier:
                 code="policy-signature-invalid",
             )
         return dict(document)
-
-
-@dataclass(frozen=True)
-class PolicyGate:
-    """What a policy change arriving over MQTT must look like on this device.
-
-    Without a verifier, bare documents and envelopes are both accepted (an envelope is unwrapped unverified:
-    no key is provisioned, so it is as trusted as a bare document). A ``target``, when named, must be ours.
-    With a verifier, only whole, signed, correctly targeted documents pass.
-    """
-
-    device_id: str
-    verifier: PolicyVerifier | None = None
-
-    @classmethod
-    def from_config(cls, config: Config) -> PolicyGate:
-        path = config.mqtt.policy_signing_key if config.mqtt else None
-        return cls(config.device.id, PolicyVerifier.from_file(path) if path is not None else None)
-
-    @property
-    def signing_required(self) -> bool:
-        return self.verifier is not None
-
-    def require_whole_document(self, what: str) -> None:
-        """Refuse a piecemeal change (allowlist entry, anchor, enforcement) while signing is on."""
-        if self.verifier is not None:
-            raise PolicySignatureError(
-                f"{what}: a signed whole layer document is required (this device accepts policy changes only "
-                "as a signed document: PUT policy with a signed envelope)",
-                code="signed-document-required",
-            )
-
-    def open(self, body: Any, layer: str = DEVICE_LAYER) -> dict[str, Any]:
-        """The layer document carried by ``body`` after the signature and target checks."""
-        what = f"policy for layer {layer!r}"
-        if self.verifier is not None:
-            document = self.verifier.verify(body, what)
-        elif is_envelope(body):
-            validate(body, ENVELOPE_SCHEMA, what)
-            document = dict(body["document"])
-        elif isinstance(body, Mapping):
-            document = dict(body)
-        else:
-            raise InputError(f"{what}: expected a JSON object")
-        self._check_target(document, layer, what)
-        return document
-
-    def accept(self, body: Any, layer: str = DEVICE_LAYER) -> PolicyLayer:
-        """:meth:`open`, then parse the document as ``layer``. Version checks are the policy service's."""
-        return PolicyLayer.from_document(self.open(body, layer), layer, what=f"policy for layer {layer!r}")
-
-    def _check_target(self, document: Mapping[str, Any], layer: str, what: str) -> None:
-        expected = target_for_layer(layer, self.device_id)
-        target = document.get("target")
-        if target is None:
-            if self.verifier is not None:
-                raise PolicySignatureError(
-                    f"{what}: the signed document names no target; it must name {expected}",
-                    code="policy-wrong-target",
-                )
-            return
-        if target != expected:
-            message = f"{what}: at /target: the document is for {target}, not for {expected}"
-            if self.verifier is None:  # a misdirected document, not a signature matter: 400
-                raise PolicyError(message, code="wrong-target")
-            raise PolicySignatureError(message, code="policy-wrong-target")  # a replay: 403
