@@ -7,7 +7,7 @@ import logging
 import time
 from typing import Any
 
-from agent import __version__, logs
+from agent import logs
 from agent.cli import EXIT_NEGATIVE, EXIT_OK, emit, json_flag, load_config, read_json_file
 from agent.config import Config
 from agent.digest import Digest
@@ -230,7 +230,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     cfg = load_config(args)
     service = _service(cfg)
-    policy = service.effective()
     agent = read_lock(cfg.state_dir / LOCK_NAME)
     engine: dict[str, Any] = {"url": cfg.engine.url}
     try:
@@ -238,25 +237,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         engine.update(reachable=True, version=info.get("Version"), api_version=info.get("ApiVersion"))
     except EngineError as exc:
         engine.update(reachable=False, error=str(exc))
-    store = service.store
     status: dict[str, Any] = {
-        "version": __version__,
-        "device": cfg.device.id,
+        **service.summary(),
         "config": cfg.source,
         "state_dir": str(cfg.state_dir),
         "agent": {"running": agent is not None, **(agent or {})},
         "engine": engine,
-        "enforcement": policy.enforcement.to_dict(),
-        "policy": {
-            "version": policy.version,
-            "layers": dict(policy.versions),
-            "allowlist": len(policy.allowlist),
-            "trust_anchors": [a.name for a in policy.trust_anchors],
-        },
-        "verified_digests": sum(len(v) for v in store.verified().values()),
-        "decisions": store.decision_count(),
-        "outbox": {"queued": store.outbox_size(), "limit": store.outbox_limit},
-        "counters": store.counters(),
         "mqtt": {"configured": cfg.mqtt is not None, "url": cfg.mqtt.url if cfg.mqtt else None},
     }
 

@@ -21,7 +21,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent import __version__
 from agent.config import Config
 from agent.digest import Digest
 from agent.enforcer import Enforcer
@@ -244,30 +243,8 @@ def put_enforcement(ctx: ControlContext, req: Request) -> Response:
 
 
 def status_document(ctx: ControlContext) -> dict[str, Any]:
-    """``imageguard status --json`` without paths or secrets, plus the connection and outbox counters."""
-    cfg, store = ctx.config, ctx.service.store
-    policy = ctx.service.effective()
-    counters = store.counters()
-    dropped = {
-        k.removeprefix("outbox_dropped."): v for k, v in counters.items() if k.startswith("outbox_dropped.")
-    }
-    return {
-        "version": __version__,
-        "device": cfg.device.id,
-        "groups": list(cfg.device.groups),
-        "enforcement": policy.enforcement.to_dict(),
-        "policy": {
-            "version": policy.version,
-            "layers": dict(policy.versions),
-            "allowlist": len(policy.allowlist),
-            "trust_anchors": [a.name for a in policy.trust_anchors],
-        },
-        "verified_digests": sum(len(v) for v in store.verified().values()),
-        "decisions": store.decision_count(),
-        "outbox": {"queued": store.outbox_size(), "limit": store.outbox_limit, "dropped": dropped},
-        "counters": counters,
-        "mqtt": ctx.connection_status(),
-    }
+    """``imageguard status --json`` without paths or secrets, plus the connection status."""
+    return {**ctx.service.summary(), "mqtt": ctx.connection_status()}
 
 
 def get_status(ctx: ControlContext, req: Request) -> Response:

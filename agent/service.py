@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from agent import __version__
 from agent.config import Config
 from agent.digest import Digest
 from agent.errors import ImageGuardError, PolicyError
@@ -52,7 +53,9 @@ def check_anchors(layer: PolicyLayer) -> None:
         try:
             validator_for(anchor).check_anchor(anchor)
         except ImageGuardError as exc:
-            raise PolicyError(f"policy layer {layer.name!r}: at /trust_anchors/{i}: {exc}", code=exc.code) from None
+            raise PolicyError(
+                f"policy layer {layer.name!r}: at /trust_anchors/{i}: {exc}", code=exc.code
+            ) from None
 
 
 class Service:
@@ -87,6 +90,33 @@ class Service:
         # pinned digests of enabled instances allow containers (agent/instances.py)
         pins = enabled_pins(specs, self.store.instance_states(), policy.anchor)
         return dataclasses.replace(policy, instance_digests=pins)
+
+    def summary(self) -> dict[str, Any]:
+        """What ``imageguard status`` and ``GET status`` share: policy, state and outbox figures."""
+        policy = self.effective()
+        store = self.store
+        counters = store.counters()
+        dropped = {
+            k.removeprefix("outbox_dropped."): v
+            for k, v in counters.items()
+            if k.startswith("outbox_dropped.")
+        }
+        return {
+            "version": __version__,
+            "device": self.config.device.id,
+            "groups": list(self.config.device.groups),
+            "enforcement": policy.enforcement.to_dict(),
+            "policy": {
+                "version": policy.version,
+                "layers": dict(policy.versions),
+                "allowlist": len(policy.allowlist),
+                "trust_anchors": [a.name for a in policy.trust_anchors],
+            },
+            "verified_digests": sum(len(v) for v in store.verified().values()),
+            "decisions": store.decision_count(),
+            "outbox": {"queued": store.outbox_size(), "limit": store.outbox_limit, "dropped": dropped},
+            "counters": counters,
+        }
 
     def layer(self, name: str = DEVICE_LAYER) -> PolicyLayer:
         return self.store.layer(name)
