@@ -163,6 +163,10 @@ class Gate:
     def __init__(self, enforcer: Enforcer) -> None:
         self.enforcer = enforcer
 
+    def thread_done(self) -> None:
+        """Close the engine connection this (connection) thread opened for its lookups."""
+        self.enforcer.engine.close()
+
     def __call__(self, ref: str) -> Answer:
         e = self.enforcer.policy.enforcement
         if not e.enabled or e.mode != "enforce":
@@ -240,8 +244,9 @@ class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     block_on_close = False
     request_queue_size = 128
 
-    def __init__(self, path: str, authorize: Authorize) -> None:
+    def __init__(self, path: str, authorize: Authorize, on_thread_end: Callable[[], None] | None) -> None:
         self.authorize = authorize
+        self.on_thread_end = on_thread_end
         self._open: set[socket.socket] = set()
         self._open_lock = threading.Lock()
         super().__init__(path, _Handler, bind_and_activate=False)
@@ -252,6 +257,13 @@ class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         with self._open_lock:
             self._open.add(request)
         super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            if self.on_thread_end is not None:
+                self.on_thread_end()
 
     def shutdown_request(self, request: Any) -> None:
         with self._open_lock:
@@ -269,15 +281,19 @@ class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 class AuthzServer:
     """Serves the plugin protocol on a Unix socket until ``close``."""
 
-    def __init__(self, path: Path, authorize: Authorize) -> None:
+    def __init__(
+        self, path: Path, authorize: Authorize, *, on_thread_end: Callable[[], None] | None = None
+    ) -> None:
+        """``on_thread_end`` runs on each connection's thread when dockerd closes that connection."""
         self.path = path
         self._authorize = authorize
+        self._on_thread_end = on_thread_end
         self._server: _UnixServer | None = None
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         _claim(self.path)
-        self._server = _UnixServer(str(self.path), self._authorize)
+        self._server = _UnixServer(str(self.path), self._authorize, self._on_thread_end)
         try:
             self._server.server_bind()
             # for dockerd (root) only; chmod rather than umask, which would race with other threads' files

@@ -316,3 +316,17 @@ def test_socket_claiming(sockdir: Path) -> None:
         AuthzServer(path, Recorder()).start()
     assert path.read_text() == "not a socket"
     os.unlink(path)
+
+
+def test_thread_end_hook_runs_when_a_connection_closes(sockdir: Path) -> None:
+    ended = threading.Event()
+    srv = AuthzServer(sockdir / "p.sock", Recorder(), on_thread_end=ended.set)
+    srv.start()
+    try:
+        conn = UnixConnection(srv.path)
+        assert post(conn, "/Plugin.Activate", b"")[0] == 200
+        assert not ended.is_set()  # kept alive: the thread still serves this connection
+        conn.close()
+        assert ended.wait(5)
+    finally:
+        srv.close()
