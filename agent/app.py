@@ -210,7 +210,8 @@ class Agent:
         if self.config.preventive.enabled:
             # served whatever the mode (dockerd refuses every request while its plugin is unreachable);
             # it judges starts only while the live policy says enforce
-            self.authz = AuthzServer(self.config.preventive.socket, Gate(self.enforcer))
+            gate = Gate(self.enforcer)
+            self.authz = AuthzServer(self.config.preventive.socket, gate, on_thread_end=gate.thread_done)
             try:
                 self.authz.start()
             except Exception:
