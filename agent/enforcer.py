@@ -184,13 +184,12 @@ class Enforcer:
         if trigger == "start" and self._just_authorized(container_id):
             log.debug("container %s was allowed before it started; not deciding again", container_id[:12])
             return None
+        policy = self._policy
         try:
-            facts = self.engine.container_facts(container_id)
+            facts, decision = self._decide(container_id, policy)
         except Gone:
             log.debug("container %s vanished before it could be inspected", container_id[:12])
             return None
-        policy = self._policy
-        decision = decide(facts, policy, self._evidence())
         paused = False
         if decision.pending:
             if dry_run:
@@ -217,6 +216,20 @@ class Enforcer:
         self._act(facts, decision, action)
         return Handled(record, decision, facts)
 
+    def _decide(self, container_id: str, policy: EffectivePolicy) -> tuple[ContainerFacts, Decision]:
+        """Facts (image details may come from the cache) and the decision on them.
+
+        A cached image may lack registry digests added since (a later pull or push), so anything short of
+        "allowed" is decided again on a fresh inspect before it counts.
+        """
+        facts = self.engine.container_facts(container_id)
+        decision = decide(facts, policy, self._evidence())
+        stale = decision.verdict != "allowed" and facts.image_id is not None
+        if stale and self.engine.forget_image(str(facts.image_id)):
+            facts = self.engine.container_facts(container_id)
+            decision = decide(facts, policy, self._evidence())
+        return facts, decision
+
     def authorize(self, container_id: str) -> Handled:
         """Decide before the engine starts a container (the authorization plugin): record, never act.
 
@@ -224,9 +237,8 @@ class Enforcer:
         (the verification itself runs on and its result is cached for the next attempt). Raises Gone or
         EngineError when the container cannot be looked up: the caller refuses the start then.
         """
-        facts = self.engine.container_facts(container_id)
         policy = self._policy
-        decision = decide(facts, policy, self._evidence())
+        facts, decision = self._decide(container_id, policy)
         if decision.pending:
             decision = conclude(decision, self._verify_within(decision.verify), policy)
         action = "deny" if decision.verdict == "blocked" else "none"

@@ -136,17 +136,18 @@ class Engine:
             image: dict[str, Any] = self._call("inspect an image", self._client().inspect_image, image_id)
         except Gone:
             return None
-        if image.get("RepoDigests"):
-            # only cache once the repo digests are known: a later pull may add them to a built image
-            with self._images_lock:
-                self._images[image_id] = image
-                while len(self._images) > 512:
-                    self._images.popitem(last=False)
+        # an image id names immutable content; only RepoDigests may grow later (a pull or push of the same
+        # image), which can only turn "not allowed" into "allowed": callers re-inspect before a negative verdict
+        with self._images_lock:
+            self._images[image_id] = image
+            while len(self._images) > 512:
+                self._images.popitem(last=False)
         return image
 
-    def forget_image(self, image_id: str) -> None:
+    def forget_image(self, image_id: str) -> bool:
+        """Drop a cached image inspect; True if there was one."""
         with self._images_lock:
-            self._images.pop(image_id, None)
+            return self._images.pop(image_id, None) is not None
 
     def container_ids(self) -> list[str]:
         """Every container, running or not (the ``docker ps -a`` set)."""
