@@ -275,7 +275,9 @@ class Enforcer:
             return fut.result(timeout)
         except TimeoutError:
             return VerificationOutcome(
-                None, Reason.VERIFICATION_TIMEOUT, f"signature verification did not finish within {timeout:g}s"
+                None,
+                Reason.VERIFICATION_TIMEOUT,
+                f"signature verification did not finish within {timeout:g}s",
             )
 
     def _record(

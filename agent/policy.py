@@ -165,7 +165,9 @@ class PolicyLayer:
         instances: tuple[InstanceSpec, ...] = ()
         if "instances" in doc:
             if name != DEVICE_LAYER:
-                raise PolicyError(f"{what}: at /instances: instances can only be declared in the device layer")
+                raise PolicyError(
+                    f"{what}: at /instances: instances can only be declared in the device layer"
+                )
             from agent.instances import parse_instances
 
             instances = parse_instances(doc["instances"], what)

@@ -349,7 +349,6 @@ class Store:
         tx.executemany("DELETE FROM verified_digests WHERE digest = ? AND anchor = ?", doomed)
         return len(doomed)
 
-
     # -- managed instances (agent/instance_manager.py writes, the CLI and service read) ---------
 
     def instance_states(self) -> dict[str, InstanceState]:
@@ -379,7 +378,9 @@ class Store:
             for msg in telemetry:
                 self.enqueue(tx, msg, state.updated_at)
 
-    def delete_instance_state(self, name: str, telemetry: Iterable[OutboxMessage] = (), now: str = "") -> None:
+    def delete_instance_state(
+        self, name: str, telemetry: Iterable[OutboxMessage] = (), now: str = ""
+    ) -> None:
         with self.transaction() as tx:
             tx.execute("DELETE FROM instances WHERE name = ?", (name,))
             for msg in telemetry:

@@ -34,7 +34,9 @@ GROUP = "bench"
 ACCOUNT = "bench"
 
 
-def agent_config(directory: Path, device: str, engine_url: str, broker_url: str, signing_key: Path | None) -> Path:
+def agent_config(
+    directory: Path, device: str, engine_url: str, broker_url: str, signing_key: Path | None
+) -> Path:
     directory.mkdir(parents=True)
     mqtt = f'url = "{broker_url}"\naccount = "{ACCOUNT}"\nreconnect_min_seconds = 0.5\n'
     if signing_key is not None:
