@@ -71,6 +71,11 @@ def register(sub: Any) -> None:
         metavar="S",
         help="finish only after no new device appeared for S seconds (default 1)",
     )
+    q.add_argument(
+        "--force",
+        action="store_true",
+        help="publish even if the broker holds a retained layer of the same or a newer version",
+    )
     _timeout(q, 60.0)
     _registry(q)
     json_flag(q)
@@ -243,6 +248,13 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     console = _connect(cfg)
     progress = Progress(sys.stderr, time.monotonic())
     try:
+        held = console.retained_version(args.group)
+        if held is not None and version <= held and not args.force:
+            # devices holding `held` would refuse it, but a new device would take the older layer
+            raise InputError(
+                f"the broker holds version {held} of group {args.group!r}; publish a version greater than "
+                f"{held} (or --force to replace the retained layer anyway)"
+            )
         console.rollout(tracker, body, timeout=args.timeout, registry=registry, on_progress=progress)
     finally:
         console.client.close()

@@ -37,6 +37,7 @@ from agent.mqtt.kurapayload import KuraMessage, MetricValue
 from agent.mqtt.requests import REQUEST_ID, REQUESTER, RESPONSE_CODE, RESPONSE_MESSAGE
 from agent.mqtt.topics import DATA_KINDS, LWT_PREFIX, Topics, valid_level
 from agent.policy import group_layer
+from agent.policy_gate import claimed_version
 
 log = logging.getLogger(__name__)
 
@@ -373,6 +374,10 @@ class ConsoleClient:
         if not done.wait(timeout):
             raise BrokerError(f"no SUBACK for {topic_filter} within {timeout:g}s")
 
+    def unsubscribe(self, topic_filter: str) -> None:
+        with self._lock:
+            self._client.unsubscribe(topic_filter)
+
     def publish(
         self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False, timeout: float = 10
     ) -> None:
@@ -495,6 +500,27 @@ class Console:
                 seen += 1
                 on_event(event)
         return seen
+
+    def retained_version(self, group: str, wait: float = 1.0) -> int | None:
+        """The version of the group's retained layer on the broker (None: none, or unreadable)."""
+        topic = self._topics(self.console_id).fleet_policy(group)
+        self.client.subscribe(topic)
+        try:
+            deadline = time.monotonic() + wait
+            while (remaining := deadline - time.monotonic()) > 0:
+                got = self.client.next_message(remaining)
+                if got is None:
+                    return None
+                if got[0] != topic:
+                    continue  # nothing else is subscribed yet; be safe anyway
+                try:
+                    body = json.loads(self.codec.decode(got[1]).body or b"null")
+                except (PayloadError, ValueError):
+                    return None
+                return claimed_version(body)
+            return None
+        finally:
+            self.client.unsubscribe(topic)
 
     def publish_layer(self, group: str, body: Mapping[str, Any]) -> str:
         """Publish ``body`` (a layer document or a signed envelope) as the group's retained layer."""

@@ -165,8 +165,13 @@ def test_rollout_acknowledged_by_the_group_a_late_device_gets_the_retained_layer
     running = fleet.engine.docker("inspect", "--format", "{{.State.Running}}", "fleet-allowed")
     assert running.stdout.strip() == "true"
 
-    # an older version is refused by every device, and each keeps version 5
-    code, report = fleet.rollout("plant", {"version": 4, "allowlist": []}, "--expect", "4", "--timeout", "30")
+    # the console will not replace the retained layer with an older one (a new device would take it) ...
+    code, _ = fleet.rollout("plant", {"version": 4, "allowlist": []}, "--expect", "4", "--timeout", "5")
+    assert code == 2
+    # ... and when forced, the older version is refused by every device, and each keeps version 5
+    code, report = fleet.rollout(
+        "plant", {"version": 4, "allowlist": []}, "--expect", "4", "--timeout", "30", "--force"
+    )
     assert code == 1
     assert statuses(report) == {
         d: ("rejected", 4, report["devices"][i]["reason"]) for i, d in enumerate(sorted(fleet.agents))
@@ -176,7 +181,7 @@ def test_rollout_acknowledged_by_the_group_a_late_device_gets_the_retained_layer
         assert fleet.request(device, "GET", "policy", {"layer": "group:plant"})[1]["version"] == 5
 
     # the same version again is nothing new: unchanged, which still counts as holding it
-    code, report = fleet.rollout("plant", layer, "--expect", "4", "--timeout", "30")
+    code, report = fleet.rollout("plant", layer, "--expect", "4", "--timeout", "30", "--force")
     assert code == 0 and {s for s, _, _ in statuses(report).values()} == {"unchanged"}
 
 

@@ -119,7 +119,8 @@ def test_signed_fleet_layer(
     key, key_path = signer
     pub = str(fleet.tmp / "policy.pub")
     fleet.start(("sig-a", ["secure"], "audit"), ("sig-b", ["secure"], "audit"), policy_signing_key=pub)
-    expect = ("--device", "sig-a", "--device", "sig-b", "--timeout", "20")
+    # --force: the same version is published again on purpose, to see each refusal on the devices
+    expect = ("--device", "sig-a", "--device", "sig-b", "--timeout", "20", "--force")
 
     code, report = fleet.rollout("secure", {"version": 2}, *expect)  # unsigned
     assert code == 1
