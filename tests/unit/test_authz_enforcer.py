@@ -56,6 +56,9 @@ class FakeEngine:
             raise Gone(cid)
         return CONTAINERS[cid]
 
+    def forget_image(self, image_id: str) -> bool:
+        return False  # a cache probe, not an action: nothing is cached here
+
     def __getattr__(self, name: str) -> None:
         raise AssertionError(f"authorize must not act on the engine ({name})")
 
