@@ -17,7 +17,6 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from agent import __version__
-from agent.authz import AuthzServer, Gate
 from agent.config import Config
 from agent.decision import VerificationOutcome, VerifyTarget, rescan_reason
 from agent.enforcer import Enforcer, Verifier
@@ -31,6 +30,7 @@ from agent.service import Service
 from agent.store import Store
 
 if TYPE_CHECKING:
+    from agent.authz import AuthzServer
     from agent.cloud import CloudConnection
 
 log = logging.getLogger(__name__)
@@ -210,6 +210,8 @@ class Agent:
         if self.config.preventive.enabled:
             # served whatever the mode (dockerd refuses every request while its plugin is unreachable);
             # it judges starts only while the live policy says enforce
+            from agent.authz import AuthzServer, Gate  # http.server & co load only in preventive mode
+
             gate = Gate(self.enforcer)
             self.authz = AuthzServer(self.config.preventive.socket, gate, on_thread_end=gate.thread_done)
             try:

@@ -34,6 +34,10 @@ TRAP_ENTRYPOINT = ["/bin/busybox", "sh", "-c", "trap 'exit 0' TERM; /bin/busybox
 BENCH_LABEL = "imageguard.bench"
 PYTHON = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv").exists() else sys.executable
 
+# measure the agent as installed: an editable checkout is not byte-compiled, and with
+# PYTHONDONTWRITEBYTECODE every start would compile the package again (slower, and the ASTs stay in RSS)
+subprocess.run([PYTHON, "-m", "compileall", "-q", "-j", "0", str(REPO / "agent")], check=True)
+
 
 # -- statistics --------------------------------------------------------------------------------------
 

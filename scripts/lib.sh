@@ -39,6 +39,8 @@ make_venv() {
             echo "installing Python dependencies failed" >&2; exit 2; }
         touch "$stamp"
     fi
+    # an editable install is not byte-compiled: do it, or every start compiles (and keeps) the ASTs in memory
+    "$VENV/bin/python" -m compileall -q -j 0 "$REPO/agent" >/dev/null
 }
 
 engine_answers() {

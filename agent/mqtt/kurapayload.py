@@ -1,7 +1,8 @@
 """KuraPayload: Kura's message model and its protobuf wire form (proto2, package ``kuradatatypes``).
 
-The protobuf descriptor is built at runtime from ``descriptor_pb2`` (no protoc at install time); it matches
-``kurapayload.proto`` next to this module field for field. Gzip follows Kura: receivers detect it by the
+The wire codec is written out here for this one fixed proto2 schema (``kurapayload.proto`` next to this
+module): the protobuf runtime would cost an edge device about 3.5 MB of RSS (bench/control.py) for three small
+messages. The tests check it against the protobuf library and ``protoc --decode``. Gzip follows Kura: receivers detect it by the
 magic bytes ``1f 8b`` and fall back to raw protobuf when decompression fails; senders compress only if that
 is shorter.
 
@@ -19,8 +20,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
-
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from agent.errors import PayloadError, PayloadTooLarge
 
@@ -233,92 +232,107 @@ def _short(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-# --- protobuf descriptor, built once at import -----------------------------------------------------------
+# --- the proto2 wire format of KuraPayload -----------------------------------------------------------------
+
+_VARINT, _FIXED64, _LENGTH, _FIXED32 = 0, 1, 2, 5
+_U64 = 1 << 64
+
+#: KuraMetric value field numbers and wire types, by metric type
+_VALUE_WIRE = {
+    MetricType.DOUBLE: (3, _FIXED64),
+    MetricType.FLOAT: (4, _FIXED32),
+    MetricType.INT64: (5, _VARINT),
+    MetricType.INT32: (6, _VARINT),
+    MetricType.BOOL: (7, _VARINT),
+    MetricType.STRING: (8, _LENGTH),
+    MetricType.BYTES: (9, _LENGTH),
+}
+_TYPE_BY_FIELD = {number: t for t, (number, _) in _VALUE_WIRE.items()}
+#: KuraPosition fields 3-9 (1 and 2 are latitude and longitude)
+_POSITION_FIELDS = {
+    3: "altitude",
+    4: "precision",
+    5: "heading",
+    6: "speed",
+    7: "timestamp",
+    8: "satellites",
+    9: "status",
+}
+_POSITION_INTS = {"timestamp", "satellites", "status"}
 
 
-def _build_classes() -> tuple[Any, Any]:
-    fdp = descriptor_pb2.FieldDescriptorProto
-    f = descriptor_pb2.FileDescriptorProto(name="imageguard/kurapayload.proto", package="kuradatatypes")
-    f.syntax = "proto2"
-    payload = f.message_type.add(name="KuraPayload")
-
-    def add(msg: Any, name: str, number: int, label: int, ftype: int, type_name: str = "") -> None:
-        fld = msg.field.add(name=name, number=number, label=label, type=ftype)
-        if type_name:
-            fld.type_name = type_name
-
-    opt, req, rep = fdp.LABEL_OPTIONAL, fdp.LABEL_REQUIRED, fdp.LABEL_REPEATED
-    metric = payload.nested_type.add(name="KuraMetric")
-    vt = metric.enum_type.add(name="ValueType")
-    for t in MetricType:
-        vt.value.add(name=t.name, number=int(t))
-    add(metric, "name", 1, req, fdp.TYPE_STRING)
-    add(metric, "type", 2, req, fdp.TYPE_ENUM, ".kuradatatypes.KuraPayload.KuraMetric.ValueType")
-    for name, number, ftype in (
-        ("double_value", 3, fdp.TYPE_DOUBLE),
-        ("float_value", 4, fdp.TYPE_FLOAT),
-        ("long_value", 5, fdp.TYPE_INT64),
-        ("int_value", 6, fdp.TYPE_INT32),
-        ("bool_value", 7, fdp.TYPE_BOOL),
-        ("string_value", 8, fdp.TYPE_STRING),
-        ("bytes_value", 9, fdp.TYPE_BYTES),
-    ):
-        add(metric, name, number, opt, ftype)
-
-    position = payload.nested_type.add(name="KuraPosition")
-    add(position, "latitude", 1, req, fdp.TYPE_DOUBLE)
-    add(position, "longitude", 2, req, fdp.TYPE_DOUBLE)
-    for name, number, ftype in (
-        ("altitude", 3, fdp.TYPE_DOUBLE),
-        ("precision", 4, fdp.TYPE_DOUBLE),
-        ("heading", 5, fdp.TYPE_DOUBLE),
-        ("speed", 6, fdp.TYPE_DOUBLE),
-        ("timestamp", 7, fdp.TYPE_INT64),
-        ("satellites", 8, fdp.TYPE_INT32),
-        ("status", 9, fdp.TYPE_INT32),
-    ):
-        add(position, name, number, opt, ftype)
-
-    add(payload, "timestamp", 1, opt, fdp.TYPE_INT64)
-    add(payload, "position", 2, opt, fdp.TYPE_MESSAGE, ".kuradatatypes.KuraPayload.KuraPosition")
-    payload.extension_range.add(start=3, end=5000)  # end is exclusive: 3 to 4999
-    add(payload, "metric", 5000, rep, fdp.TYPE_MESSAGE, ".kuradatatypes.KuraPayload.KuraMetric")
-    add(payload, "body", 5001, opt, fdp.TYPE_BYTES)
-
-    # a private pool, so another copy of kuradatatypes in the process cannot clash with ours
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(f)
-    desc = pool.FindMessageTypeByName("kuradatatypes.KuraPayload")
-    return message_factory.GetMessageClass(desc), desc
+def _put_varint(out: bytearray, value: int) -> None:
+    value &= _U64 - 1  # negative int32/int64 go out as 64-bit two's complement (10 bytes), as protobuf does
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
 
 
-_KuraPayloadPB, KURA_PAYLOAD_DESCRIPTOR = _build_classes()
+def _put_key(out: bytearray, number: int, wire: int) -> None:
+    _put_varint(out, (number << 3) | wire)
 
 
-# --- encode / decode --------------------------------------------------------------------------------------
+def _put_bytes(out: bytearray, number: int, data: bytes) -> None:
+    _put_key(out, number, _LENGTH)
+    _put_varint(out, len(data))
+    out += data
+
+
+def _put_double(out: bytearray, number: int, value: float) -> None:
+    _put_key(out, number, _FIXED64)
+    out += struct.pack("<d", value)
+
+
+def _metric_bytes(name: str, metric: MetricValue) -> bytes:
+    out = bytearray()
+    _put_bytes(out, 1, name.encode("utf-8"))
+    _put_key(out, 2, _VARINT)
+    _put_varint(out, int(metric.type))
+    number, wire = _VALUE_WIRE[metric.type]
+    v = metric.value
+    if wire == _FIXED64:
+        _put_double(out, number, float(v))
+    elif wire == _FIXED32:
+        _put_key(out, number, _FIXED32)
+        out += struct.pack("<f", v)
+    elif wire == _VARINT:
+        _put_key(out, number, _VARINT)
+        _put_varint(out, int(v))
+    else:
+        _put_bytes(out, number, v.encode("utf-8") if isinstance(v, str) else bytes(v))  # type: ignore[arg-type]
+    return bytes(out)
+
+
+def _position_bytes(pos: KuraPosition) -> bytes:
+    out = bytearray()
+    _put_double(out, 1, float(pos.latitude))
+    _put_double(out, 2, float(pos.longitude))
+    for number, name in _POSITION_FIELDS.items():
+        v = getattr(pos, name)
+        if v is None:
+            continue
+        if name in _POSITION_INTS:
+            _put_key(out, number, _VARINT)
+            _put_varint(out, v)
+        else:
+            _put_double(out, number, float(v))
+    return bytes(out)
 
 
 def encode_protobuf(message: KuraMessage, *, gzip: bool = True) -> bytes:
     """Serialize; with ``gzip`` the bytes are compressed only when that makes them shorter (as Kura does)."""
-    pb = _KuraPayloadPB()
+    out = bytearray()  # fields in number order, as protobuf serializers write them
     if message.timestamp_ms is not None:
-        pb.timestamp = message.timestamp_ms
-    pos = message.position
-    if pos is not None:
-        pb.position.latitude = float(pos.latitude)
-        pb.position.longitude = float(pos.longitude)
-        for name in KuraPosition.OPTIONAL:
-            v = getattr(pos, name)
-            if v is not None:
-                setattr(pb.position, name, v if name in ("timestamp", "satellites", "status") else float(v))
+        _put_key(out, 1, _VARINT)
+        _put_varint(out, message.timestamp_ms)
+    if message.position is not None:
+        _put_bytes(out, 2, _position_bytes(message.position))
     for name, metric in message.metrics.items():
-        m = pb.metric.add()
-        m.name = name
-        m.type = int(metric.type)
-        setattr(m, _VALUE_FIELD[metric.type], metric.value)
+        _put_bytes(out, 5000, _metric_bytes(name, metric))
     if message.body is not None:
-        pb.body = message.body
-    raw: bytes = pb.SerializeToString()
+        _put_bytes(out, 5001, message.body)
+    raw = bytes(out)
     if gzip:
         # mtime=0 keeps the output deterministic; level 6 is what java.util.zip uses by default
         compressed = _gzip(raw)
@@ -370,42 +384,129 @@ def decode_protobuf(data: bytes, *, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) 
         if inflated is not None:
             data = inflated
     try:
-        pb = _KuraPayloadPB()
-        pb.ParseFromString(data)
-        if not pb.IsInitialized():  # proto2 'required' fields; the Python runtime does not enforce them
-            missing = ", ".join(pb.FindInitializationErrors()[:3])
-            raise PayloadError(f"payload is not a valid KuraPayload: required field(s) missing: {missing}")
-        return _from_pb(pb)
+        return _parse_payload(data)
     except PayloadError:
         raise
-    except Exception as exc:  # protobuf raises DecodeError, but also RuntimeError/ValueError on odd input
+    except (_Truncated, UnicodeDecodeError, struct.error, ValueError) as exc:
         raise PayloadError(f"payload is not a KuraPayload protobuf: {_first_line(exc)}") from None
 
 
-def _from_pb(pb: Any) -> KuraMessage:
+def _signed(value: int, bits: int) -> int:
+    """A varint read as a two's complement integer of ``bits`` (int32 keeps the low 32 bits, as protobuf)."""
+    value &= (1 << bits) - 1
+    return value - (1 << bits) if value >> (bits - 1) else value
+
+
+def _strict_fields(buf: bytes) -> Iterable[tuple[int, int, Any]]:
+    """(field number, wire type, value) for each field: ints for varints, bytes for the others."""
+    pos, end = 0, len(buf)
+    while pos < end:
+        key, pos = _varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if number == 0:
+            raise PayloadError("payload is not a KuraPayload protobuf: field number 0")
+        value: Any
+        if wire == _VARINT:
+            value, pos = _varint(buf, pos)
+        elif wire in (_FIXED64, _FIXED32):
+            size = 8 if wire == _FIXED64 else 4
+            if pos + size > end:
+                raise _Truncated("truncated fixed-size field")
+            value, pos = buf[pos : pos + size], pos + size
+        elif wire == _LENGTH:
+            length, pos = _varint(buf, pos)
+            if pos + length > end:
+                raise _Truncated("truncated length-delimited field")
+            value, pos = buf[pos : pos + length], pos + length
+        else:  # groups (3, 4) are not part of KuraPayload, and 6, 7 do not exist
+            raise PayloadError(f"payload is not a KuraPayload protobuf: unsupported wire type {wire}")
+        yield number, wire, value
+
+
+def _parse_payload(buf: bytes) -> KuraMessage:
+    timestamp: int | None = None
+    position: dict[str, Any] | None = None
     metrics: dict[str, MetricValue] = {}
-    for m in pb.metric:
-        try:
-            mtype = MetricType(m.type)
-        except ValueError:
-            continue  # Kura drops metrics of unknown type
-        value = getattr(m, _VALUE_FIELD[mtype])
-        metrics.pop(m.name, None)  # a repeated name moves to its last position
-        metrics[m.name] = MetricValue(mtype, value)
-    position = None
-    if pb.HasField("position"):
-        p = pb.position
-        position = KuraPosition(
-            latitude=p.latitude,
-            longitude=p.longitude,
-            **{n: getattr(p, n) for n in KuraPosition.OPTIONAL if p.HasField(n)},
-        )
-    return KuraMessage(
-        timestamp_ms=pb.timestamp if pb.HasField("timestamp") else None,
-        metrics=metrics,
-        body=pb.body if pb.HasField("body") else None,
-        position=position,
-    )
+    body: bytes | None = None
+    # a field with an unexpected wire type is an unknown field to protobuf: skipped the same way here
+    for number, wire, value in _strict_fields(buf):
+        if number == 1 and wire == _VARINT:
+            timestamp = _signed(value, 64)
+        elif number == 2 and wire == _LENGTH:
+            position = {**(position or {}), **_parse_position(value)}  # repeated sub-messages merge
+        elif number == 5000 and wire == _LENGTH:
+            parsed = _parse_metric(value)
+            if parsed is not None:
+                metrics.pop(parsed[0], None)  # a repeated name moves to its last position
+                metrics[parsed[0]] = parsed[1]
+        elif number == 5001 and wire == _LENGTH:
+            body = bytes(value)
+    pos = None
+    if position is not None:
+        missing = [n for n in ("latitude", "longitude") if n not in position]
+        if missing:
+            raise PayloadError(
+                f"payload is not a valid KuraPayload: required field(s) missing: position.{missing[0]}"
+            )
+        pos = KuraPosition(**position)
+    return KuraMessage(timestamp_ms=timestamp, metrics=metrics, body=body, position=pos)
+
+
+def _parse_metric(buf: bytes) -> tuple[str, MetricValue] | None:
+    name: str | None = None
+    type_number: int | None = None
+    values: dict[int, tuple[int, Any]] = {}
+    for number, wire, value in _strict_fields(buf):
+        if number == 1 and wire == _LENGTH:
+            name = value.decode("utf-8")
+        elif number == 2 and wire == _VARINT:
+            type_number = _signed(value, 32)
+        elif number in _TYPE_BY_FIELD:
+            values[number] = (wire, value)
+    if name is None or type_number is None:
+        field = "name" if name is None else "type"
+        raise PayloadError(f"payload is not a valid KuraPayload: required field(s) missing: metric.{field}")
+    try:
+        mtype = MetricType(type_number)
+    except ValueError:
+        return None  # Kura drops metrics of unknown type
+    number, wire = _VALUE_WIRE[mtype]
+    got = values.get(number)
+    if got is None or got[0] != wire:
+        raw: Any = None  # the value field is unset: protobuf reads its default
+    else:
+        raw = got[1]
+    return name, MetricValue(mtype, _metric_value(mtype, raw))
+
+
+def _metric_value(mtype: MetricType, raw: Any) -> Scalar:
+    if mtype is MetricType.DOUBLE:
+        return float(struct.unpack("<d", raw)[0]) if raw is not None else 0.0
+    if mtype is MetricType.FLOAT:
+        return float(struct.unpack("<f", raw)[0]) if raw is not None else 0.0
+    if mtype is MetricType.INT64:
+        return _signed(raw, 64) if raw is not None else 0
+    if mtype is MetricType.INT32:
+        return _signed(raw, 32) if raw is not None else 0
+    if mtype is MetricType.BOOL:
+        return bool(raw) if raw is not None else False
+    if mtype is MetricType.STRING:
+        return raw.decode("utf-8") if raw is not None else ""
+    return bytes(raw) if raw is not None else b""
+
+
+def _parse_position(buf: bytes) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for number, wire, value in _strict_fields(buf):
+        name = {1: "latitude", 2: "longitude"}.get(number) or _POSITION_FIELDS.get(number)
+        if name is None:
+            continue
+        if name in _POSITION_INTS:
+            if wire == _VARINT:
+                out[name] = _signed(value, 64 if name == "timestamp" else 32)
+        elif wire == _FIXED64:
+            out[name] = float(struct.unpack("<d", value)[0])
+    return out
 
 
 def _first_line(exc: BaseException) -> str:
@@ -424,14 +525,14 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
     result = shift = 0
     for _ in range(10):
         if pos >= len(buf):
-            raise _Truncated
+            raise _Truncated("truncated varint")
         b = buf[pos]
         pos += 1
         result |= (b & 0x7F) << shift
         if not b & 0x80:
             return result, pos
         shift += 7
-    raise _Truncated
+    raise _Truncated("varint longer than 10 bytes")
 
 
 def _fields(buf: bytes) -> Iterable[tuple[int, int, int, int]]:

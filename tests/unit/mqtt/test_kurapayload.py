@@ -16,12 +16,12 @@ from agent.mqtt.kurapayload import (
     KuraPosition,
     MetricType,
     MetricValue,
-    _KuraPayloadPB,
     decode_protobuf,
     encode_protobuf,
     gunzip_bounded,
     peek_string_metrics,
 )
+from tests.unit.mqtt.reference_pb import KuraPayloadPB
 
 
 def _gz(data: bytes) -> bytes:
@@ -63,7 +63,7 @@ def test_wire_layout_matches_kura() -> None:
     msg = KuraMessage(
         timestamp_ms=1700000000000, metrics={"response.code": MetricValue.int32(200)}, body=b"x"
     )
-    pb = _KuraPayloadPB()
+    pb = KuraPayloadPB()
     pb.ParseFromString(encode_protobuf(msg, gzip=False))
     (metric,) = pb.metric
     # response.code must be INT32 (type 3) carried in int_value (field 6), as Kapua reads it
@@ -139,7 +139,7 @@ def test_missing_required_fields_rejected() -> None:
 
 
 def test_last_metric_of_a_name_wins() -> None:
-    pb = _KuraPayloadPB()
+    pb = KuraPayloadPB()
     for v in ("1", "2"):
         m = pb.metric.add(name="x", type=5)
         m.string_value = v
@@ -173,3 +173,54 @@ def test_peek_reads_ids_of_oversized_payloads() -> None:
     for data in (encode_protobuf(msg, gzip=False), _gz(encode_protobuf(msg, gzip=False))):
         found = peek_string_metrics(data, ["request.id", "requester.client.id"], max_bytes=1024)
         assert found == {"request.id": "42", "requester.client.id": "c"}
+
+
+# --- the agent's codec against the protobuf library ----------------------------------------------------
+
+
+def _reference_to_message(pb: KuraPayloadPB) -> KuraMessage:  # type: ignore[valid-type]
+    fields = {
+        MetricType.DOUBLE: "double_value",
+        MetricType.FLOAT: "float_value",
+        MetricType.INT64: "long_value",
+        MetricType.INT32: "int_value",
+        MetricType.BOOL: "bool_value",
+        MetricType.STRING: "string_value",
+        MetricType.BYTES: "bytes_value",
+    }
+    metrics = {}
+    for m in pb.metric:
+        metrics.pop(m.name, None)
+        metrics[m.name] = MetricValue(MetricType(m.type), getattr(m, fields[MetricType(m.type)]))
+    position = None
+    if pb.HasField("position"):
+        p = pb.position
+        optional = ("altitude", "precision", "heading", "speed", "timestamp", "satellites", "status")
+        position = KuraPosition(
+            p.latitude, p.longitude, **{n: getattr(p, n) for n in optional if p.HasField(n)}
+        )
+    return KuraMessage(
+        timestamp_ms=pb.timestamp if pb.HasField("timestamp") else None,
+        metrics=metrics,
+        body=pb.body if pb.HasField("body") else None,
+        position=position,
+    )
+
+
+@settings(max_examples=300)
+@given(messages)
+def test_protobuf_library_reads_what_we_write(message: KuraMessage) -> None:
+    pb = KuraPayloadPB()
+    pb.ParseFromString(encode_protobuf(message, gzip=False))
+    assert pb.IsInitialized()
+    assert _reference_to_message(pb) == message
+
+
+@settings(max_examples=300)
+@given(messages)
+def test_we_read_what_the_protobuf_library_writes(message: KuraMessage) -> None:
+    pb = KuraPayloadPB()
+    pb.ParseFromString(encode_protobuf(message, gzip=False))
+    reference_bytes = pb.SerializeToString()
+    assert reference_bytes == encode_protobuf(message, gzip=False)  # same bytes, field for field
+    assert decode_protobuf(reference_bytes) == message
