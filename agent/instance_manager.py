@@ -609,6 +609,7 @@ class InstanceManager:
             "id": new_id(),
             "time": state.updated_at or utc_now(),
             "device": self.config.device.id,
+            "policy_version": self._policy_version(),
             **state.to_dict(),
         }
         if spec is not None:
@@ -678,6 +679,9 @@ class InstanceManager:
             last_check=now,
         )
 
+    def _policy_version(self) -> int:
+        return self.service.layer(DEVICE_LAYER).version
+
     def _alert(self, spec: InstanceSpec, state: InstanceState, failure: InstanceFailure) -> OutboxMessage:
         return OutboxMessage(
             "alerts",
@@ -685,6 +689,7 @@ class InstanceManager:
                 "id": new_id(),
                 "time": utc_now(),
                 "device": self.config.device.id,
+                "policy_version": self._policy_version(),
                 "alert": "instance-update-rejected",
                 "instance": spec.name,
                 "image": str(spec.image),

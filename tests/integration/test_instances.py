@@ -436,3 +436,54 @@ def test_private_registry_pull_with_credentials(
         assert c is not None and c["State"]["Running"]
     finally:
         assert proc.stop() == 0, proc.log()
+
+
+def test_status_changes_and_rejection_alert_arrive_over_the_broker(
+    tmp_path: Path, engine: Dockerd, registry: Registry, mosquitto: Any, mqtt_probe_factory: Any
+) -> None:
+    """The instance telemetry leaves the outbox: status changes on .../instances, the alert on .../alerts."""
+    from agent.mqtt.kurapayload import decode_protobuf
+
+    state = tmp_path / "state"
+    config = write_agent_config(
+        tmp_path / "config.toml",
+        {
+            "device": {"id": "inst-mqtt"},
+            "engine": {"url": engine.url},
+            "state": {"dir": str(state)},
+            "enforcement": {"stop_grace_seconds": 0},
+            "mqtt": {"url": mosquitto.url, "account": "acct"},
+        },
+        [registry_entry(registry.server)],
+    )
+    key, pub, pw = generate_keys(config, tmp_path / "cosign")
+    setup = Setup(config, engine, registry, key, pub, pw, state)
+    probe = mqtt_probe_factory(mosquitto, client_id="watcher")
+    probe.subscribe("acct/inst-mqtt/CONTAINER-AUTH-V1/#")
+    agent = AgentProcess(config, tmp_path / "agent.log").start()
+    try:
+        d1 = setup.push("it/tele", "stable", "tele-v1", sign=True)
+        spec = web_spec(setup, "it/tele")
+        spec["name"] = "tele"
+        assert setup.apply(spec, tmp_path).returncode == 0
+        setup.wait_status("tele", "running", pinned_digest=str(d1))
+        statuses = []
+        while "running" not in statuses:
+            msg = probe.expect("acct/inst-mqtt/CONTAINER-AUTH-V1/instances", timeout=30)
+            body = json.loads(decode_protobuf(msg.payload).body or b"{}")
+            assert body["name"] == "tele" and body["device"] == "inst-mqtt", body
+            assert body["id"] and body["time"] and isinstance(body["policy_version"], int), body
+            statuses.append(body["status"])
+        assert statuses[-1] == "running" and "verifying" in statuses, statuses
+
+        # an unsigned image under the same tag: the update is refused, the alert goes out
+        setup.push("it/tele", "stable", "tele-v3-unsigned", sign=False)
+        out = cli(config, "instances", "update", "tele", "--json", timeout=90)
+        assert out.returncode == 1, out.stdout + out.stderr
+        alert = probe.expect("acct/inst-mqtt/CONTAINER-AUTH-V1/alerts", timeout=30)
+        body = json.loads(decode_protobuf(alert.payload).body or b"{}")
+        assert body["instance"] == "tele" and body["alert"] == "instance-update-rejected", body
+        assert isinstance(body["policy_version"], int), body
+        assert container(engine, "tele") is not None  # still running on v1
+    finally:
+        assert agent.stop() == 0, agent.log()
