@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from agent.digest import Digest
+from agent.schemas import validate
 from agent.store import Store
 from tests.fixtures.registry import (
     REGISTRY_BIN,
@@ -472,18 +473,22 @@ def test_status_changes_and_rejection_alert_arrive_over_the_broker(
             msg = probe.expect("acct/inst-mqtt/CONTAINER-AUTH-V1/instances", timeout=30)
             body = json.loads(decode_protobuf(msg.payload).body or b"{}")
             assert body["name"] == "tele" and body["device"] == "inst-mqtt", body
-            assert body["id"] and body["time"] and isinstance(body["policy_version"], int), body
+            validate(body, "instance-event", "instance telemetry")
             statuses.append(body["status"])
         assert statuses[-1] == "running" and "verifying" in statuses, statuses
+
+        listed = json.loads(cli(config, "instances", "list", "--json", check=True).stdout)
+        validate(listed, "control/get-instances.reply", "instances list")  # the shape GET instances answers
 
         # an unsigned image under the same tag: the update is refused, the alert goes out
         setup.push("it/tele", "stable", "tele-v3-unsigned", sign=False)
         out = cli(config, "instances", "update", "tele", "--json", timeout=90)
         assert out.returncode == 1, out.stdout + out.stderr
+        validate(json.loads(out.stdout), "control/exec-instance-update.reply", "instances update")
         alert = probe.expect("acct/inst-mqtt/CONTAINER-AUTH-V1/alerts", timeout=30)
         body = json.loads(decode_protobuf(alert.payload).body or b"{}")
         assert body["instance"] == "tele" and body["alert"] == "instance-update-rejected", body
-        assert isinstance(body["policy_version"], int), body
+        validate(body, "instance-alert", "instance alert")
         assert container(engine, "tele") is not None  # still running on v1
     finally:
         assert agent.stop() == 0, agent.log()
