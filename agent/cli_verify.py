@@ -195,6 +195,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     cfg = load_config(args)
     ref = ImageRef.parse(args.image)
+    if _identities(args) and not args.ca:
+        # a key vouches for whoever holds it: certificate identities would be silently ignored
+        raise InputError("--certificate-identity/--certificate-oidc-issuer[-regexp] apply to --ca only")
     if args.key or args.ca:
         anchors = [_anchor_from_flags(args, _flag_name("key", k), k, ("*",)) for k in args.key]
         if args.ca:
@@ -298,6 +301,8 @@ def cmd_anchors_list(args: argparse.Namespace) -> int:
 
 
 def cmd_anchors_add(args: argparse.Namespace) -> int:
+    if _identities(args) and not args.ca:
+        raise InputError("--certificate-identity/--certificate-oidc-issuer[-regexp] apply to --ca only")
     anchor = _anchor_from_flags(args, args.name, args.key, tuple(args.scope) or ("*",))
     result = _service(args).put_anchor(anchor)
     emit(
