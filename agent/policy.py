@@ -112,6 +112,9 @@ class TrustAnchor:
                         ) from None
         if d["kind"] == "key" and d.get("intermediates"):
             raise PolicyError(f"{where}: intermediates only apply to kind 'ca'")
+        if d["kind"] == "key" and d.get("identities"):
+            # a key vouches for whoever holds it; certificate identities would silently constrain nothing
+            raise PolicyError(f"{where}: identities only apply to kind 'ca'")
         return cls(
             name=d["name"],
             kind=d["kind"],

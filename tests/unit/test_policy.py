@@ -241,12 +241,17 @@ def test_fingerprint_changes_with_anything_that_affects_verification() -> None:
         anchor_doc(scope=["registry.example:5000/acme/*"], require_tlog=True),
         anchor_doc(scope=["registry.example:5000/acme/*"], strict_identity=True),
         anchor_doc(scope=["registry.example:5000/acme/*"], rekor_public_key=PEM_B),
-        anchor_doc(scope=["registry.example:5000/acme/*"], identities=[{"subject": "x"}]),
         {**anchor_doc(scope=["registry.example:5000/acme/*"]), "kind": "ca"},
+        {**anchor_doc(scope=["registry.example:5000/acme/*"], identities=[{"subject": "x"}]), "kind": "ca"},
     ]
     fingerprints = {TrustAnchor.from_dict(v, "t").fingerprint for v in variants}
     assert len(fingerprints) == len(variants)
     assert base.fingerprint not in fingerprints
+
+
+def test_identities_only_apply_to_ca_anchors() -> None:
+    with pytest.raises(PolicyError, match="identities only apply to kind 'ca'"):
+        TrustAnchor.from_dict(anchor_doc(identities=[{"subject": "x"}]), "t")
 
 
 def test_anchor_covers() -> None:
