@@ -32,7 +32,7 @@ from agent import APP_ID
 from agent.config import Config, MqttConfig
 from agent.errors import BrokerError, ConfigError, InputError, PayloadError, ReplyTimeout
 from agent.mqtt.codec import PayloadCodec
-from agent.mqtt.connection import _broker_address, _read_secret
+from agent.mqtt.connection import apply_credentials, broker_address
 from agent.mqtt.kurapayload import KuraMessage, MetricValue
 from agent.mqtt.requests import REQUEST_ID, REQUESTER, RESPONSE_CODE, RESPONSE_MESSAGE
 from agent.mqtt.topics import DATA_KINDS, LWT_PREFIX, Topics, valid_level
@@ -313,7 +313,7 @@ class ConsoleClient:
         self.config = config
         self.client_id = client_id
         self.messages: queue.Queue[tuple[str, bytes]] = queue.Queue(_QUEUE_BOUND)
-        self._host, self._port, tls = _broker_address(config.url)
+        self._host, self._port, _ = broker_address(config.url)
         self._connected = threading.Event()
         self._connect_error: str | None = None
         self._subacks: dict[int, threading.Event] = {}
@@ -325,19 +325,7 @@ class ConsoleClient:
             clean_session=None if v5 else True,
             protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
         )
-        if config.username is not None:
-            password = _read_secret(config.password_file) if config.password_file else None
-            c.username_pw_set(config.username, password)
-        if tls:
-            try:
-                c.tls_set(
-                    ca_certs=str(config.ca_bundle) if config.ca_bundle else None,
-                    certfile=str(config.client_cert) if config.client_cert else None,
-                    keyfile=str(config.client_key) if config.client_key else None,
-                    tls_version=ssl.PROTOCOL_TLS_CLIENT,
-                )
-            except (OSError, ValueError) as exc:
-                raise ConfigError(f"mqtt: TLS material cannot be used: {exc}") from None
+        apply_credentials(c, config)
         c.on_connect = self._on_connect
         c.on_subscribe = self._on_subscribe
         c.on_message = self._on_message

@@ -139,14 +139,14 @@ def _set_reconnect_delay(client: paho.Client, seconds: float) -> None:
     client.reconnect_delay_set(cast(int, seconds), cast(int, seconds))
 
 
-def _read_secret(path: Path) -> str:
+def read_secret(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8").rstrip("\r\n")
     except OSError as exc:
         raise ConfigError(f"mqtt: cannot read password_file {path}: {exc.strerror}") from None
 
 
-def _broker_address(url: str) -> tuple[str, int, bool]:
+def broker_address(url: str) -> tuple[str, int, bool]:
     parts = urlsplit(url)
     if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
         raise ConfigError(f"mqtt: url {url!r} must look like mqtt://host[:port] or mqtts://host[:port]")
@@ -156,6 +156,33 @@ def _broker_address(url: str) -> tuple[str, int, bool]:
     except ValueError:
         raise ConfigError(f"mqtt: url {url!r} has an invalid port") from None
     return parts.hostname, port, tls
+
+
+def apply_credentials(client: paho.Client, cfg: MqttConfig) -> None:
+    """Username/password and TLS material of ``cfg`` on a paho client: the one place both the device's
+    connection and the console set them. Raises ConfigError naming the setting that cannot be used."""
+    if cfg.username is not None:
+        password = read_secret(cfg.password_file) if cfg.password_file is not None else None
+        client.username_pw_set(cfg.username, password)
+    elif cfg.password_file is not None:
+        raise ConfigError("mqtt: password_file is set but username is not")
+    if broker_address(cfg.url)[2]:
+        for what, path in (("ca_bundle", cfg.ca_bundle), ("client_cert", cfg.client_cert)):
+            if path is not None and not path.is_file():
+                raise ConfigError(f"mqtt: {what} {path} is not a readable file")
+        if (cfg.client_cert is None) != (cfg.client_key is None):
+            raise ConfigError("mqtt: client_cert and client_key must be given together")
+        try:
+            client.tls_set(
+                ca_certs=str(cfg.ca_bundle) if cfg.ca_bundle else None,
+                certfile=str(cfg.client_cert) if cfg.client_cert else None,
+                keyfile=str(cfg.client_key) if cfg.client_key else None,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"mqtt: TLS material cannot be used: {exc}") from None
+    elif cfg.ca_bundle or cfg.client_cert:
+        raise ConfigError("mqtt: ca_bundle / client_cert need an mqtts:// url")
 
 
 class MqttConnection:
@@ -181,7 +208,7 @@ class MqttConnection:
         self._birth = birth
         self._disconnect = disconnect
         self._max_in_flight = max_in_flight
-        self._host, self._port, self._tls = _broker_address(config.url)
+        self._host, self._port, self._tls = broker_address(config.url)
         self._backoff = Backoff(config.reconnect_min_seconds, config.reconnect_max_seconds, rng)
         self._lock = threading.Lock()
         self._state = "new"  # new -> running -> stopping -> stopped
@@ -206,28 +233,7 @@ class MqttConnection:
             clean_session=None if v5 else cfg.clean_session,
             protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
         )
-        if cfg.username is not None:
-            password = _read_secret(cfg.password_file) if cfg.password_file is not None else None
-            client.username_pw_set(cfg.username, password)
-        elif cfg.password_file is not None:
-            raise ConfigError("mqtt: password_file is set but username is not")
-        if self._tls:
-            for what, path in (("ca_bundle", cfg.ca_bundle), ("client_cert", cfg.client_cert)):
-                if path is not None and not path.is_file():
-                    raise ConfigError(f"mqtt: {what} {path} is not a readable file")
-            if (cfg.client_cert is None) != (cfg.client_key is None):
-                raise ConfigError("mqtt: client_cert and client_key must be given together")
-            try:
-                client.tls_set(
-                    ca_certs=str(cfg.ca_bundle) if cfg.ca_bundle else None,
-                    certfile=str(cfg.client_cert) if cfg.client_cert else None,
-                    keyfile=str(cfg.client_key) if cfg.client_key else None,
-                    tls_version=ssl.PROTOCOL_TLS_CLIENT,
-                )
-            except (OSError, ValueError) as exc:
-                raise ConfigError(f"mqtt: TLS material cannot be used: {exc}") from None
-        elif cfg.ca_bundle or cfg.client_cert:
-            raise ConfigError("mqtt: ca_bundle / client_cert need an mqtts:// url")
+        apply_credentials(client, cfg)
         client.will_set(self.topics.lifecycle("LWT"), payload=b"", qos=0, retain=False)
         client.max_inflight_messages_set(max(1, min(self._max_in_flight, _WIRE_IN_FLIGHT)))
         client.enable_logger(logging.getLogger("agent.mqtt.paho"))
