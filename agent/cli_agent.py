@@ -11,7 +11,7 @@ from agent import logs
 from agent.cli import EXIT_NEGATIVE, EXIT_OK, emit, json_flag, load_config, read_json_file
 from agent.config import Config
 from agent.digest import Digest
-from agent.errors import EngineError, PolicyError
+from agent.errors import EngineError, NotFound
 from agent.notify import notify_agent
 from agent.service import ApplyResult, Service
 from agent.store import Store
@@ -191,9 +191,7 @@ def cmd_allowlist_remove(args: argparse.Namespace) -> int:
     digest = Digest.parse(args.digest)
     try:
         result = _service(load_config(args)).allowlist_remove(digest)
-    except PolicyError as exc:
-        if exc.code != "not-found":
-            raise
+    except NotFound as exc:
         emit(args, {"error": {"code": exc.code, "message": str(exc)}}, f"imageguard: {exc}")
         return EXIT_NEGATIVE
     emit(args, result.to_dict(), _applied_text(result))

@@ -11,7 +11,7 @@ from typing import Any
 
 from agent.cli import EXIT_NEGATIVE, EXIT_OK, emit, json_flag, load_config
 from agent.config import Config, RegistryConfig
-from agent.errors import InputError, PolicyError
+from agent.errors import InputError, NotFound
 from agent.imageref import ImageRef
 from agent.policy import Identity, TrustAnchor
 
@@ -316,9 +316,7 @@ def cmd_anchors_add(args: argparse.Namespace) -> int:
 def cmd_anchors_remove(args: argparse.Namespace) -> int:
     try:
         result = _service(args).delete_anchor(args.name)
-    except PolicyError as exc:
-        if exc.code != "not-found":
-            raise
+    except NotFound as exc:
         emit(args, {"error": {"code": exc.code, "message": str(exc)}}, f"imageguard: {exc}")
         return EXIT_NEGATIVE
     emit(

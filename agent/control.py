@@ -25,7 +25,7 @@ from agent.config import Config
 from agent.digest import Digest
 from agent.enforcer import Enforcer
 from agent.engine import Engine, Gone
-from agent.errors import ControlError, EngineError, ImageGuardError, InputError, PolicyError, SchemaError
+from agent.errors import ControlError, EngineError, ImageGuardError, InputError, SchemaError
 from agent.imageref import ImageRef
 from agent.instance_manager import InstanceManager, control_routes
 from agent.mqtt.requests import Handler, Request, Response, Route
@@ -104,10 +104,6 @@ def _result(r: ApplyResult) -> Response:
     return Response.of_json(r.to_dict())
 
 
-def _not_found(exc: PolicyError) -> ControlError:
-    return ControlError(404, exc.message, code=exc.code)
-
-
 def _reject(ctx: ControlContext, layer: str, doc: Any, exc: ImageGuardError, source: str) -> None:
     ctx.service.record_rejection(layer, claimed_version(doc), exc, source)
 
@@ -175,12 +171,7 @@ def del_allowlist(ctx: ControlContext, req: Request) -> Response:
     no_body(req, "DEL allowlist request")
     check_partial_edit(ctx, "DEL allowlist")
     digest = Digest.parse(req.params["digest"])
-    try:
-        return _result(ctx.service.allowlist_remove(digest, source=_source(req)))
-    except PolicyError as exc:
-        if exc.code == "not-found":
-            raise _not_found(exc) from None
-        raise
+    return _result(ctx.service.allowlist_remove(digest, source=_source(req)))  # NotFound -> 404
 
 
 # --- trust anchors ---------------------------------------------------------------------------------------
@@ -212,12 +203,7 @@ def put_trust_anchor(ctx: ControlContext, req: Request) -> Response:
 def del_trust_anchor(ctx: ControlContext, req: Request) -> Response:
     no_body(req, "DEL trust-anchors request")
     check_partial_edit(ctx, "DEL trust-anchors")
-    try:
-        return _result(ctx.service.delete_anchor(req.params["name"], source=_source(req)))
-    except PolicyError as exc:
-        if exc.code == "not-found":
-            raise _not_found(exc) from None
-        raise
+    return _result(ctx.service.delete_anchor(req.params["name"], source=_source(req)))  # NotFound -> 404
 
 
 # --- enforcement -----------------------------------------------------------------------------------------

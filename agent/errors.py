@@ -51,6 +51,13 @@ class PolicyError(InputError):
     code = "invalid-policy"
 
 
+class NotFound(PolicyError):
+    """The policy holds no such entry (allowlist digest, trust anchor, instance): nothing was changed."""
+
+    code = "not-found"
+    exit_code = 1
+
+
 class DigestError(InputError):
     code = "invalid-digest"
 

@@ -27,6 +27,7 @@ from agent.errors import (
     ControlError,
     EngineError,
     ImageGuardError,
+    NotFound,
     PolicyError,
     RegistryError,
     RegistryUnreachable,
@@ -81,7 +82,7 @@ def delete_instance(service: Service, name: str, *, source: str) -> ApplyResult:
     current = service.layer(DEVICE_LAYER)
     kept = tuple(i for i in current.instances if i.name != name)
     if len(kept) == len(current.instances):
-        raise PolicyError(f"instance {name!r} is not declared in the device policy", code="not-found")
+        raise NotFound(f"instance {name!r} is not declared in the device policy")
     return service.apply_layer(current.bumped(instances=kept), source=source)
 
 
@@ -751,12 +752,7 @@ def control_routes(
 
     def del_one(req: Request) -> Response:
         check_edit(f"DEL instances/{req.params['name']}")
-        try:
-            result = delete_instance(service, req.params["name"], source=source(req))
-        except PolicyError as exc:
-            if exc.code == "not-found":
-                raise ControlError(404, exc.message, code=exc.code) from None
-            raise
+        result = delete_instance(service, req.params["name"], source=source(req))  # NotFound -> 404
         return Response.of_json(result.to_dict())
 
     def exec_update(req: Request) -> Response:

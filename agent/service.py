@@ -14,7 +14,7 @@ from typing import Any, Literal
 from agent import __version__
 from agent.config import Config
 from agent.digest import Digest
-from agent.errors import ImageGuardError, PolicyError
+from agent.errors import ImageGuardError, NotFound, PolicyError
 from agent.instances import enabled_pins
 from agent.policy import (
     DEVICE_LAYER,
@@ -241,19 +241,19 @@ class Service:
         current = self.store.layer(DEVICE_LAYER)
         kept = tuple(e for e in current.allowlist if e.digest != digest)
         if len(kept) == len(current.allowlist):
-            raise PolicyError(f"{digest} is not on the device allowlist", code="not-found")
+            raise NotFound(f"{digest} is not on the device allowlist")
         return self._edit(source, allowlist=kept)
 
     def set_enforcement(
         self, *, enabled: bool | None = None, mode: str | None = None, source: str = "cli"
     ) -> ApplyResult:
+        if mode not in (None, "enforce", "audit"):
+            raise PolicyError(f"unknown enforcement mode {mode!r}: expected 'enforce' or 'audit'")
         current = self.effective().enforcement
         new = Enforcement(
             enabled=current.enabled if enabled is None else enabled,
             mode=current.mode if mode is None else mode,  # type: ignore[arg-type]
         )
-        if mode not in (None, "enforce", "audit"):
-            raise PolicyError(f"unknown enforcement mode {mode!r}: expected 'enforce' or 'audit'")
         return self._edit(source, enforcement=new)
 
     def put_anchor(self, anchor: TrustAnchor, *, source: str = "cli") -> ApplyResult:
@@ -265,5 +265,5 @@ class Service:
         current = self.store.layer(DEVICE_LAYER)
         kept = tuple(a for a in current.trust_anchors if a.name != name)
         if len(kept) == len(current.trust_anchors):
-            raise PolicyError(f"trust anchor {name!r} is not in the device policy", code="not-found")
+            raise NotFound(f"trust anchor {name!r} is not in the device policy")
         return self._edit(source, trust_anchors=kept)

@@ -10,8 +10,8 @@ segment matches any one non-empty level and is passed in ``Request.params``; lit
 placeholders, left to right. Status mapping:
 
 * handler returns a :class:`Response` -> its status (default 200)
-* ``ControlError(status, msg)`` -> that status; ``InputError`` (incl. ``SchemaError`` with its JSON pointer)
-  -> 400; anything else -> 500 with a generic message (details only in the log)
+* ``ControlError(status, msg)`` -> that status; ``NotFound`` -> 404; ``InputError`` (incl. ``SchemaError``
+  with its JSON pointer) -> 400; anything else -> 500 with a generic message (details only in the log)
 * no route for the resource -> 404; a method word that is not GET/PUT/POST/DEL/EXEC, or a method the
   resource does not support -> 400; undecodable or oversized payload -> 400 when the ids can be read
 * no readable ``request.id`` / ``requester.client.id`` -> no reply is possible: logged and counted as dropped
@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.errors import ControlError, InputError, PayloadError, PayloadTooLarge
+from agent.errors import ControlError, InputError, NotFound, PayloadError, PayloadTooLarge
 from agent.mqtt.codec import Encoding, PayloadCodec, detect_encoding
 from agent.mqtt.kurapayload import KuraMessage, MetricValue, peek_string_metrics
 from agent.mqtt.topics import METHODS, Topics, valid_level
@@ -223,6 +223,9 @@ class Dispatcher:
         except ControlError as exc:
             log.info("control: %s %s -> %d %s", method, where, exc.status, exc.message)
             return exc.status, exc.message, None
+        except NotFound as exc:
+            log.info("control: %s %s -> 404 %s", method, where, exc.message)
+            return 404, exc.message, None
         except InputError as exc:
             log.info("control: %s %s -> 400 %s", method, where, exc.message)
             return 400, exc.message, None

@@ -97,7 +97,8 @@ def test_apply_list_show_enable_delete(
     code, out, _ = run(config_file, capsys, "list")
     assert code == 0 and "web" in out and "api" not in out
     assert run(config_file, capsys, "show", "api")[0] == 1
-    assert run(config_file, capsys, "delete", "api")[0] == 2
+    # not found is a negative result (exit 1), as for allowlist remove
+    assert run(config_file, capsys, "delete", "api")[0] == 1
 
 
 @pytest.mark.parametrize(
