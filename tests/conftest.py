@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.docker",
     "tests.fixtures.registry",
     "tests.fixtures.mosquitto",
+    "tests.fixtures.fleet",
 ]

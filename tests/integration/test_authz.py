@@ -32,8 +32,9 @@ from agent.policy import EffectivePolicy
 from agent.schemas import validate
 from agent.verification import build_verifier
 from tests.fixtures.registry import RegistryServer
-from tests.support.agentproc import cli, wait_for, write_config
+from tests.support.agentproc import cli, wait_for
 from tests.support.dockerd import Dockerd
+from tests.support.signing import generate_keys, registry_entry, repo_digest, write_agent_config
 
 pytestmark = pytest.mark.integration
 
@@ -113,11 +114,6 @@ class Env:
         return out.stdout.strip() if out.returncode == 0 else "absent"
 
 
-def _repo_digest(engine: Dockerd, tag: str) -> Digest:
-    out = engine.docker("image", "inspect", "--format", "{{json .RepoDigests}}", tag).stdout
-    return Digest.parse(json.loads(out)[0].split("@", 1)[1])
-
-
 @pytest.fixture(scope="module")
 def env(registry_plain: RegistryServer) -> Iterator[Env]:
     root = Path(tempfile.mkdtemp(prefix="ig-az-", dir="/tmp"))  # short: socket paths are limited
@@ -126,7 +122,7 @@ def env(registry_plain: RegistryServer) -> Iterator[Env]:
     spec = PLUGIN_SPEC_DIR / f"{name}.spec"
     spec.write_text(f"unix://{root / 'plugin.sock'}\n")
     engine = Dockerd(root / "d", extra_args=[f"--authorization-plugin={name}"])
-    config = write_config(
+    config = write_agent_config(
         root / "config.toml",
         {
             "device": {"id": "authz-test"},
@@ -135,9 +131,8 @@ def env(registry_plain: RegistryServer) -> Iterator[Env]:
             "enforcement": {"stop_grace_seconds": 0, "verify_timeout_seconds": VERIFY_TIMEOUT},
             "preventive": {"enabled": True, "socket": str(root / "plugin.sock")},
         },
+        [registry_entry(registry_plain)],
     )
-    with config.open("a") as fh:
-        fh.write(f'[[registries]]\nhost = "{registry_plain.host}"\ninsecure = true\n')
     e = Env(root, name, config, engine, registry_plain)
     try:
         e.start_agent()  # the plugin socket must exist before dockerd starts
@@ -165,31 +160,20 @@ def _prepare_images(e: Env) -> None:
         tag = e.image(name)
         eng.build_image(tag, f"authz-{name}")
         eng.docker("push", "-q", tag)
-    pw = e.root / "cosign.password"
-    pw.write_text("authz test\n")
-    prefix = e.root / "cosign"
-    cli(
-        e.config,
-        "generate-key-pair",
-        "--output-key-prefix",
-        str(prefix),
-        "--passphrase-file",
-        str(pw),
-        check=True,
-    )
+    key, pub, pw = generate_keys(e.config, e.root / "cosign", "authz test")
     for name in ("signed", "slow"):
         cli(
             e.config,
             "sign",
             e.image(name),
             "--key",
-            f"{prefix}.key",
+            str(key),
             "--passphrase-file",
             str(pw),
             check=True,
         )
     scope = f"{e.registry.host}/ig-az/*"
-    cli(e.config, "anchors", "add", "acme", "--key", f"{prefix}.pub", "--scope", scope, check=True)
+    cli(e.config, "anchors", "add", "acme", "--key", str(pub), "--scope", scope, check=True)
     cli(e.config, "allowlist", "add", e.images[ALLOWED], check=True)
     allowed = Digest.parse(e.images[ALLOWED])
     e.wait_policy(lambda p: allowed in p.allowlist and p.anchor("acme") is not None, "allowlist and anchor")
@@ -303,7 +287,7 @@ def test_slow_verification_is_denied_at_the_timeout(env: Env) -> None:
     assert VERIFICATION_WINDOW[0] <= waited < VERIFICATION_WINDOW[1], waited
     assert env.state("slow", "{{.State.StartedAt}}") == NEVER_STARTED
     # the verification ran on in the background; once it has succeeded, the next start is allowed at once
-    slow = _repo_digest(env.engine, env.image("slow"))
+    slow = repo_digest(env.engine, env.image("slow"))
     assert env.agent is not None
     wait_for(lambda: slow in env.agent.store.verified(), timeout=15, what="background verification")  # type: ignore[union-attr]
     env.agent.enforcer.reload_verified()  # type: ignore[union-attr]

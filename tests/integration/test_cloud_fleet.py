@@ -13,12 +13,13 @@ from typing import Any
 import pytest
 
 from agent.schemas import validate
+from tests.fixtures.docker import OTHER
 from tests.fixtures.mosquitto import MosquittoBroker
-from tests.integration.test_cloud_control import (
+from tests.support.agentproc import AgentProcess
+from tests.support.cloud import (
     ACCOUNT,
     APP,
     DEVICE,
-    OTHER,
     Console,
     Decoded,
     agent_config,
@@ -26,8 +27,8 @@ from tests.integration.test_cloud_control import (
     encode_request,
     make_broker,
     publish,
+    sub_argv,
 )
-from tests.support.agentproc import AgentProcess
 from tests.support.dockerd import Dockerd
 
 pytestmark = pytest.mark.integration
@@ -40,22 +41,7 @@ class Stream:
     """A long-running mosquitto_sub whose messages are read one at a time."""
 
     def __init__(self, broker: MosquittoBroker, topic: str) -> None:
-        self.proc = subprocess.Popen(
-            [
-                "stdbuf",
-                "-oL",
-                "mosquitto_sub",
-                *broker.cli(),
-                "-d",
-                "-q",
-                "1",
-                "-t",
-                topic,
-                "-F",
-                "PAYLOAD %x",
-            ],
-            stdout=subprocess.PIPE,
-        )
+        self.proc = subprocess.Popen(sub_argv(broker, topic, "PAYLOAD %x"), stdout=subprocess.PIPE)
         self.lines: queue.Queue[str] = queue.Queue()
         subscribed = threading.Event()
 

@@ -7,17 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_cloud_control import (
-    ACCOUNT,
-    APP,
-    DEVICE,
-    OTHER,
-    Subscriber,
-    agent_config,
-    decode_payload,
-    make_broker,
-)
+from tests.fixtures.docker import OTHER
 from tests.support.agentproc import AgentProcess, cli, wait_for
+from tests.support.cloud import ACCOUNT, APP, DEVICE, Subscriber, agent_config, decode_payload, make_broker
 from tests.support.dockerd import Dockerd
 
 pytestmark = pytest.mark.integration

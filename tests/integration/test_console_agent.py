@@ -10,8 +10,8 @@ import pytest
 
 from agent.digest import Digest
 from tests.fixtures.mosquitto import MosquittoBroker
-from tests.integration.test_fleet import Fleet
 from tests.support.dockerd import Dockerd
+from tests.support.fleet import Fleet
 
 pytestmark = pytest.mark.integration
 

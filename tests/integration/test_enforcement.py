@@ -11,13 +11,11 @@ from pathlib import Path
 import pytest
 
 from agent.schemas import validate
+from tests.fixtures.docker import ALLOWED, OTHER
 from tests.support.agentproc import AgentProcess, cli, wait_for, write_config
 from tests.support.dockerd import Dockerd
 
 pytestmark = pytest.mark.integration
-
-ALLOWED = "ig-test/allowed:1"
-OTHER = "ig-test/other:1"
 
 
 @pytest.fixture

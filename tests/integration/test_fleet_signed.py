@@ -4,7 +4,7 @@ targeted, newer whole layer documents, over request/response (PUT policy) and as
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +16,10 @@ from agent.cosign.keys import PrivateKey, encrypt_private_key, public_key_pem
 from agent.mqtt.codec import PayloadCodec
 from agent.mqtt.kurapayload import KuraMessage
 from agent.signed_policy import sign_policy
-from tests.fixtures.mosquitto import MosquittoBroker, MqttProbe
-from tests.integration.test_fleet import ACCOUNT, Fleet, statuses
-from tests.support.dockerd import Dockerd
+from tests.fixtures.docker import OTHER
+from tests.fixtures.mosquitto import MqttProbe
+from tests.support.cloud import ACCOUNT
+from tests.support.fleet import Fleet, statuses
 
 pytestmark = pytest.mark.integration
 
@@ -27,17 +28,6 @@ def _pem(key: PrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-
-
-@pytest.fixture
-def fleet(
-    tmp_path: Path, mosquitto: MosquittoBroker, engine: Dockerd, busybox_images: dict[str, str]
-) -> Iterator[Fleet]:
-    f = Fleet(tmp_path, mosquitto, engine)
-    try:
-        yield f
-    finally:
-        f.stop_all()
 
 
 @pytest.fixture
@@ -59,7 +49,7 @@ def test_signed_device_layer_over_put_policy(
     fleet.start(("sig-1", [], "audit"), policy_signing_key=str(fleet.tmp / "policy.pub"))
     probe = mqtt_probe_factory(fleet.broker, client_id="telemetry")
     probe.subscribe(f"{ACCOUNT}/sig-1/CONTAINER-AUTH-V1/policy")
-    other = busybox_images["ig-test/other:1"]
+    other = busybox_images[OTHER]
 
     def doc(version: int, device: str = "sig-1") -> dict[str, Any]:
         return {"version": version, "target": {"device": device}, "allowlist": [{"digest": other}]}

@@ -8,7 +8,6 @@ engine, so that every instance really pulls what it runs.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,14 +27,16 @@ from tests.fixtures.registry import (
     start_registry,
     stop_registry,
 )
-from tests.integration.test_verify_cli import (
+from tests.support.agentproc import AgentProcess, cli, wait_for
+from tests.support.dockerd import Dockerd
+from tests.support.ports import free_port
+from tests.support.signing import (
     build_and_push,
+    docker_login,
     generate_keys,
     registry_entry,
     write_agent_config,
 )
-from tests.support.agentproc import AgentProcess, cli, wait_for
-from tests.support.dockerd import Dockerd
 
 pytestmark = pytest.mark.integration
 
@@ -143,12 +144,6 @@ class Setup:
             store.close()
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def setup(tmp_path: Path, engine: Dockerd, registry: Registry) -> Setup:
     state = tmp_path / "state"
@@ -160,7 +155,7 @@ def setup(tmp_path: Path, engine: Dockerd, registry: Registry) -> Setup:
             "state": {"dir": str(state)},
             "enforcement": {"stop_grace_seconds": 0},
             # no broker listens: telemetry (status changes, alerts) stays in the outbox, where we read it
-            "mqtt": {"url": f"mqtt://127.0.0.1:{_closed_port()}"},
+            "mqtt": {"url": f"mqtt://127.0.0.1:{free_port()}"},
         },
         [registry_entry(registry.server)],
     )
@@ -385,15 +380,7 @@ def test_private_registry_pull_with_credentials(
 ) -> None:
     server, _ = registry_token
     env = {**engine.env, "DOCKER_CONFIG": str(tmp_path / "docker-config")}
-    subprocess.run(
-        ["docker", "login", server.host, "-u", str(server.username), "--password-stdin"],
-        input=server.password,
-        env=env,
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    docker_login(server, env)
     ref = f"{server.host}/it/private:1"
     digest = build_and_push(engine, ref, "private", env=env)
     engine.docker("rmi", "-f", ref)

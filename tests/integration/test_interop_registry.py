@@ -25,8 +25,8 @@ from agent.digest import Digest
 from agent.registry import OCI_MANIFEST, Descriptor, Repository
 from agent.signature_store import OCI_CONFIG, signature_config, signature_manifest, signature_tag
 from tests.fixtures.registry import RegistryServer
-from tests.integration.test_verify_cli import registry_entry, write_agent_config
 from tests.support.agentproc import cli
+from tests.support.signing import registry_entry, write_agent_config
 from tests.unit.cosign.helpers import CASES, KEYS, load_case, read_dir_signature
 
 pytestmark = pytest.mark.integration

@@ -13,8 +13,6 @@ import contextlib
 import datetime as dt
 import json
 import shutil
-import socket
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,99 +32,27 @@ from agent.imageref import ImageRef
 from agent.registry import OCI_MANIFEST, Repository
 from agent.signature_store import attach_signature, signature_tag
 from tests.fixtures.registry import FakeRegistry, RegistryServer, push_tiny_image, reply
-from tests.support.agentproc import cli, write_config
+from tests.support.agentproc import cli
 from tests.support.dockerd import Dockerd
+from tests.support.ports import free_port
+from tests.support.signing import (
+    build_and_push,
+    docker_login,
+    generate_keys,
+    registry_entry,
+    write_agent_config,
+)
 from tests.unit.cosign.helpers import EMAIL, ISSUER_URL, RekorLog, b64, issuer_extensions, make_cert, pem
 
 pytestmark = pytest.mark.integration
 
 NOW = dt.datetime.now(dt.UTC)
-PASSWORD = "correct horse"
-
-
-# ---- shared helpers (also used by the enforcement and interop tests) ---------------------------------
-
-
-def write_agent_config(
-    path: Path,
-    sections: dict[str, dict[str, Any]],
-    registries: list[dict[str, Any]] = (),  # type: ignore[assignment]
-) -> Path:
-    """``write_config`` plus ``[[registries]]`` tables."""
-    write_config(path, sections)
-    lines = []
-    for reg in registries:
-        lines.append("[[registries]]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in reg.items()]
-        lines.append("")
-    with path.open("a") as fh:
-        fh.write("\n".join(lines))
-    return path
-
-
-def registry_entry(server: RegistryServer) -> dict[str, Any]:
-    """The ``[[registries]]`` table for a fixture registry (insecure for HTTP, CA and credentials for TLS)."""
-    entry: dict[str, Any] = {"host": server.host}
-    if server.scheme == "http":
-        entry["insecure"] = True
-    if server.ca_bundle is not None:
-        entry["ca_bundle"] = str(server.ca_bundle)
-    if server.username is not None:
-        entry["username"] = server.username
-        entry["password_file"] = str(server.password_file)
-    return entry
 
 
 def verify_json(config: Path, image: str, *args: str) -> tuple[int, dict[str, Any]]:
     out = cli(config, "verify", image, *args, "--json")
     assert out.returncode in (0, 1), f"exit {out.returncode}: {out.stderr}"
     return out.returncode, json.loads(out.stdout)
-
-
-def repo_digest(engine: Dockerd, tag: str) -> Digest:
-    """The digest the engine recorded for ``tag`` when it was pushed."""
-    name = tag.rsplit(":", 1)[0]
-    out = engine.docker("image", "inspect", "--format", "{{json .RepoDigests}}", tag).stdout
-    for item in json.loads(out):
-        if item.startswith(name + "@"):
-            return Digest.parse(item.split("@", 1)[1])
-    raise AssertionError(f"{tag} has no repo digest for {name}: {out}")
-
-
-def build_and_push(engine: Dockerd, tag: str, marker: str, env: dict[str, str] | None = None) -> Digest:
-    """A busybox image with a unique marker, pushed with the docker CLI; returns its registry digest."""
-    engine.build_image(tag, marker)
-    subprocess.run(
-        ["docker", "push", "-q", tag],
-        env=env or engine.env,
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    return repo_digest(engine, tag)
-
-
-def generate_keys(config: Path, prefix: Path, password: str = PASSWORD) -> tuple[Path, Path, Path]:
-    """``imageguard generate-key-pair``; returns (private key, public key, passphrase file)."""
-    pw = prefix.with_suffix(".password")
-    pw.write_text(password + "\n")
-    cli(
-        config,
-        "generate-key-pair",
-        "--output-key-prefix",
-        str(prefix),
-        "--passphrase-file",
-        str(pw),
-        check=True,
-    )
-    return prefix.with_suffix(".key"), prefix.with_suffix(".pub"), pw
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # ---- fixtures --------------------------------------------------------------------------------------
@@ -503,7 +429,7 @@ def test_registry_serving_wrong_bytes(plain: Plain, material: Material, fake_reg
 
 
 def test_unreachable_registry(plain: Plain) -> None:
-    host = f"127.0.0.1:{closed_port()}"
+    host = f"127.0.0.1:{free_port()}"
     image = f"{host}/app@{plain.signed_digest}"
     code, doc = verify_json(plain.config, image, "--key", str(plain.pub), "--insecure-registry", host)
     assert code == 1 and doc["reason"] == "registry-unreachable", doc
@@ -562,15 +488,7 @@ def tls(
     env = {**dockerd.env, "DOCKER_CONFIG": str(d / "docker-config")}  # the login stays in this test
     assert server.ca_bundle is not None and server.password is not None and server.username is not None
     with docker_trusts(server.host, server.ca_bundle):
-        subprocess.run(
-            ["docker", "login", server.host, "-u", server.username, "--password-stdin"],
-            input=server.password,
-            env=env,
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        docker_login(server, env)
         digest = build_and_push(dockerd, image, "cli-tls", env)
     # the signer passes the credentials as flags; the CA comes from the config
     out = cli(

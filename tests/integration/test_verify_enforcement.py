@@ -19,14 +19,9 @@ import pytest
 
 from agent.schemas import validate
 from tests.fixtures.registry import RegistryServer, start_registry, stop_registry
-from tests.integration.test_verify_cli import (
-    build_and_push,
-    generate_keys,
-    registry_entry,
-    write_agent_config,
-)
 from tests.support.agentproc import AgentProcess, cli, wait_for
 from tests.support.dockerd import Dockerd
+from tests.support.signing import build_and_push, generate_keys, registry_entry, write_agent_config
 
 pytestmark = pytest.mark.integration
 

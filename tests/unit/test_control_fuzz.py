@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from agent.control import _TABLE
 from agent.mqtt.kurapayload import KuraMessage, MetricValue, encode_protobuf
-from tests.unit.mqtt.test_kurajson import json_values
-from tests.unit.test_control import Harness, T
+from tests.support.control import Harness, T
+from tests.support.strategies import json_values
 
 RESOURCES = sorted(
     {

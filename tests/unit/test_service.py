@@ -8,8 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.config import Config, from_dict
 from agent.decision import VerifiedDigest
@@ -18,14 +16,7 @@ from agent.errors import InputError, PolicyError, RollbackError, SchemaError
 from agent.policy import AllowlistEntry, Enforcement, PolicyLayer, TrustAnchor, group_layer
 from agent.service import ApplyResult, Service
 from agent.store import Store
-
-
-def public_pem() -> str:
-    key = ec.generate_private_key(ec.SECP256R1()).public_key()
-    return key.public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    ).decode()
-
+from tests.support.keys import public_pem
 
 D1, D2, D3 = (Digest.of(bytes([i])) for i in range(3))
 PEM_A, PEM_A2, PEM_O = public_pem(), public_pem(), public_pem()

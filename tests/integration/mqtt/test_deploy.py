@@ -15,7 +15,8 @@ from agent.config import MqttConfig
 from agent.mqtt.connection import MqttConnection, device_subscriptions
 from agent.mqtt.kurapayload import KuraMessage
 from agent.mqtt.topics import Topics
-from tests.fixtures.mosquitto import HOST, MOSQUITTO, MosquittoBroker, MqttProbe, TlsFiles, free_port
+from tests.fixtures.mosquitto import HOST, MOSQUITTO, MosquittoBroker, MqttProbe, TlsFiles
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.integration
 

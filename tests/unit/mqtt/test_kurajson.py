@@ -14,7 +14,7 @@ from agent.errors import PayloadError, PayloadTooLarge
 from agent.mqtt.codec import PayloadCodec, detect_encoding
 from agent.mqtt.kurajson import decode_json, encode_json
 from agent.mqtt.kurapayload import KuraMessage, KuraPosition, MetricType, MetricValue
-from tests.unit.mqtt.test_kurapayload import messages
+from tests.support.strategies import json_values, messages
 
 
 @given(messages)
@@ -104,13 +104,6 @@ def test_bad_documents(doc: bytes, fragment: str) -> None:
 def test_size_limit() -> None:
     with pytest.raises(PayloadTooLarge):
         decode_json(b'{"body_text":"' + b"a" * 2000 + b'"}', max_bytes=1024)
-
-
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-    max_leaves=20,
-)
 
 
 @settings(max_examples=300)

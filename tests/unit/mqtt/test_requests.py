@@ -14,7 +14,7 @@ from agent.mqtt.codec import PayloadCodec
 from agent.mqtt.kurapayload import KuraMessage, MetricType, MetricValue, encode_protobuf
 from agent.mqtt.requests import Dispatcher, Request, Response
 from agent.mqtt.topics import Topics
-from tests.unit.mqtt.test_kurajson import json_values
+from tests.support.strategies import json_values
 
 T = Topics(account="acme", device_id="dev-1")
 
