@@ -17,21 +17,21 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from agent import __version__
+from agent.adapters.engine import Engine
+from agent.adapters.store import Store
+from agent.adapters.wakeup import Listener
 from agent.config import Config
-from agent.decision import VerificationOutcome, VerifyTarget, rescan_reason
-from agent.enforcer import Enforcer, Verifier
-from agent.engine import Engine
+from agent.control.service import Service
+from agent.core.decision import VerificationOutcome, VerifyTarget, rescan_reason
+from agent.core.facts import ContainerEvent
 from agent.errors import StateError
-from agent.events import ContainerEvent
-from agent.instance_manager import InstanceManager
-from agent.monitor import Monitor
-from agent.notify import Listener
-from agent.service import Service
-from agent.store import Store
+from agent.runtime.enforcer import Enforcer, Verifier
+from agent.runtime.instances import InstanceManager
+from agent.runtime.monitor import Monitor
 
 if TYPE_CHECKING:
-    from agent.authz import AuthzServer
-    from agent.cloud import CloudConnection
+    from agent.control.cloud import CloudConnection
+    from agent.runtime.authz import AuthzServer
 
 log = logging.getLogger(__name__)
 LOCK_NAME = "agent.lock"
@@ -150,7 +150,7 @@ class LazyVerifier:
     def verify(self, targets: tuple[VerifyTarget, ...], timeout: float) -> VerificationOutcome:
         with self._lock:
             if self._real is None:
-                from agent.verification import build_verifier
+                from agent.runtime.verification import build_verifier
 
                 self._real = build_verifier(self._config)
         return self._real.verify(targets, timeout)
@@ -181,8 +181,8 @@ class Agent:
         self.cloud: CloudConnection | None = None
 
     def _make_cloud(self) -> CloudConnection:
-        from agent.cloud import CloudConnection  # paho and the control plane load only with [mqtt]
-        from agent.control import ControlContext
+        from agent.control.cloud import CloudConnection  # paho and the control plane load only with [mqtt]
+        from agent.control.resources import ControlContext
 
         ctx = ControlContext(
             self.config, self.service, self.engine, lambda: self.enforcer, instances=lambda: self.instances
@@ -210,7 +210,7 @@ class Agent:
         if self.config.preventive.enabled:
             # served whatever the mode (dockerd refuses every request while its plugin is unreachable);
             # it judges starts only while the live policy says enforce
-            from agent.authz import AuthzServer, Gate  # http.server & co load only in preventive mode
+            from agent.runtime.authz import AuthzServer, Gate  # http.server & co load only in preventive mode
 
             gate = Gate(self.enforcer)
             self.authz = AuthzServer(self.config.preventive.socket, gate, on_thread_end=gate.thread_done)

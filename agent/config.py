@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from agent.core.schemas import validate
 from agent.errors import ConfigError, SchemaError
-from agent.schemas import validate
 
 DEFAULT_CONFIG_PATH = Path("/etc/imageguard/config.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/imageguard")
@@ -46,7 +46,7 @@ class EnforcementConfig:
 
 @dataclass(frozen=True)
 class PreventiveConfig:
-    """The authorization plugin (agent/authz.py): answers dockerd before it starts a container."""
+    """The authorization plugin (agent/runtime/authz.py): answers dockerd before it starts a container."""
 
     enabled: bool = False
     socket: Path = Path("/run/docker/plugins/imageguard.sock")

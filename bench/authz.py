@@ -38,8 +38,8 @@ from typing import Any
 import docker
 from harness import HEADER, PYTHON, REPO, TRAP_ENTRYPOINT, Summary, row
 
-from tests.fixtures.registry import start_registry, stop_registry
 from tests.support.dockerd import Dockerd
+from tests.support.fixtures.registry import start_registry, stop_registry
 
 IMAGE = "imageguard-bench/authz:1"
 GOALS_MS = {"start": 5.0, "list": 1.0}

@@ -26,10 +26,11 @@ import paho.mqtt.client as paho
 from harness import REPO, percentile, private_engine, proc_status  # harness puts REPO on sys.path
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.mqtt.kurapayload import KuraMessage, MetricValue, decode_protobuf, encode_protobuf
-from agent.store import PRIORITY_ALERT, OutboxMessage, Store
-from tests.fixtures.mosquitto import HOST, MosquittoBroker, free_port
+from agent.adapters.mqtt.kurapayload import KuraMessage, MetricValue, decode_protobuf, encode_protobuf
+from agent.adapters.store import Store
+from agent.core.records import PRIORITY_ALERT, OutboxMessage
 from tests.support.agentproc import AgentProcess, write_config
+from tests.support.fixtures.mosquitto import HOST, MosquittoBroker, free_port
 
 assert REPO.is_dir()
 

@@ -164,7 +164,7 @@ def _verdict(ok: bool) -> str:
 
 def import_costs(top: int = 10) -> None:
     """Import time and memory of what the agent loads, grouped by top-level package (one fresh interpreter)."""
-    modules = ["agent.cli", "agent.cli_agent", "agent.app"]
+    modules = ["agent.cli.main", "agent.cli.agent", "agent.app"]
     out = subprocess.run(
         [PYTHON, "-X", "importtime", "-c", "import " + ", ".join(modules)],
         cwd=REPO,
@@ -191,7 +191,7 @@ def import_costs(top: int = 10) -> None:
         "jsonschema",
         *modules,
         "cryptography.x509",
-        "agent.verification",
+        "agent.runtime.verification",
     ]
     rss = subprocess.run(
         [PYTHON, "-c", _RSS_STEPS, *steps], cwd=REPO, capture_output=True, text=True, check=True

@@ -3,7 +3,7 @@
 Run: ``.venv/bin/python bench/rollout.py [--agents 20] [--rounds 5] [--signed] [--json FILE]`` (root: it
 starts a private dockerd). One private dockerd, one mosquitto on a free 127.0.0.1 port, ``--agents`` agent
 processes (audit mode, own state directories, all in group ``bench``). Each round publishes version N of the
-layer through the console library (:meth:`agent.console.Console.rollout`, what ``imageguard console
+layer through the console library (:meth:`agent.console.client.Console.rollout`, what ``imageguard console
 rollout`` runs) and waits for N ``applied`` acknowledgements on the agents' ``.../policy`` telemetry.
 
 Printed per round: time to the first and to the last acknowledgement; then p50 / max over the rounds, and
@@ -25,10 +25,10 @@ from typing import Any
 from harness import PYTHON, REPO, private_engine
 
 from agent.config import from_dict
-from agent.console import Console, ConsoleClient, Event, RolloutTracker
-from agent.digest import Digest
-from agent.signed_policy import sign_policy
-from tests.fixtures.mosquitto import MosquittoBroker, free_port
+from agent.console.client import Console, ConsoleClient, Event, RolloutTracker
+from agent.core.digest import Digest
+from agent.verify.policy_signature import sign_policy
+from tests.support.fixtures.mosquitto import MosquittoBroker, free_port
 
 GROUP = "bench"
 ACCOUNT = "bench"
@@ -75,7 +75,7 @@ def main() -> int:
     if args.signed:
         from cryptography.hazmat.primitives.asymmetric import ec
 
-        from agent.cosign.keys import public_key_pem
+        from agent.verify.cosign.keys import public_key_pem
 
         key = ec.generate_private_key(ec.SECP256R1())
         key_path = work / "policy.pub"

@@ -10,7 +10,7 @@ loopback port (plain HTTP), pushes a small image there and signs it the way ``im
   ``requests.Session`` (the ``.sig`` manifest, then its payload blob, both hash-checked) and one ECDSA
   signature check with ``cryptography``; the public key is loaded once, outside the timing.
 - a tag reference, for information (one more request: the tag lookup).
-- **cached decision**: ``agent.decision.decide`` for a container whose digest is in the verified set
+- **cached decision**: ``agent.core.decision.decide`` for a container whose digest is in the verified set
   (1000 verified digests, 1000 allowlist entries that do not match), p50 over many runs.
 
 Goals (issue 3): cold verification within 1.5x the floor, at most 3 requests for a digest reference, a
@@ -39,19 +39,19 @@ import requests  # noqa: E402
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 
+from agent.adapters.registry import OCI_MANIFEST, RegistryClient, Repository  # noqa: E402
+from agent.adapters.signatures import attach_signature, signature_tag  # noqa: E402
 from agent.config import RegistryConfig  # noqa: E402
-from agent.cosign import keys  # noqa: E402
-from agent.cosign.artifacts import ANN_SIGNATURE  # noqa: E402
-from agent.cosign.sign import sign_image  # noqa: E402
-from agent.decision import Evidence, VerifiedDigest, decide  # noqa: E402
-from agent.digest import Digest  # noqa: E402
-from agent.events import ContainerFacts  # noqa: E402
-from agent.imageref import ImageRef  # noqa: E402
-from agent.policy import EffectivePolicy, Enforcement, TrustAnchor  # noqa: E402
-from agent.registry import OCI_MANIFEST, RegistryClient, Repository  # noqa: E402
-from agent.signature_store import attach_signature, signature_tag  # noqa: E402
-from agent.verification import verify_reference  # noqa: E402
-from tests.fixtures.registry import push_tiny_image, start_registry, stop_registry  # noqa: E402
+from agent.core.decision import Evidence, VerifiedDigest, decide  # noqa: E402
+from agent.core.digest import Digest  # noqa: E402
+from agent.core.facts import ContainerFacts  # noqa: E402
+from agent.core.imageref import ImageRef  # noqa: E402
+from agent.core.policy import EffectivePolicy, Enforcement, TrustAnchor  # noqa: E402
+from agent.runtime.verification import verify_reference  # noqa: E402
+from agent.verify.cosign import keys  # noqa: E402
+from agent.verify.cosign.artifacts import ANN_SIGNATURE  # noqa: E402
+from agent.verify.cosign.sign import sign_image  # noqa: E402
+from tests.support.fixtures.registry import push_tiny_image, start_registry, stop_registry  # noqa: E402
 
 
 def p50_ms(samples: list[float]) -> float:

@@ -1,8 +1,8 @@
 """Test-wide fixtures. Real services (dockerd, mosquitto, registry) are started by fixture modules."""
 
 pytest_plugins = [
-    "tests.fixtures.docker",
-    "tests.fixtures.registry",
-    "tests.fixtures.mosquitto",
-    "tests.fixtures.fleet",
+    "tests.support.fixtures.docker",
+    "tests.support.fixtures.registry",
+    "tests.support.fixtures.mosquitto",
+    "tests.support.fixtures.fleet",
 ]

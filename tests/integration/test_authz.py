@@ -25,15 +25,15 @@ import pytest
 
 from agent import config as config_mod
 from agent.app import Agent
-from agent.decision import Reason, VerificationOutcome, VerifyTarget
-from agent.digest import Digest
-from agent.enforcer import Verifier
-from agent.policy import EffectivePolicy
-from agent.schemas import validate
-from agent.verification import build_verifier
-from tests.fixtures.registry import RegistryServer
+from agent.core.decision import Reason, VerificationOutcome, VerifyTarget
+from agent.core.digest import Digest
+from agent.core.policy import EffectivePolicy
+from agent.core.schemas import validate
+from agent.runtime.enforcer import Verifier
+from agent.runtime.verification import build_verifier
 from tests.support.agentproc import cli, wait_for
 from tests.support.dockerd import Dockerd
+from tests.support.fixtures.registry import RegistryServer
 from tests.support.signing import generate_keys, registry_entry, repo_digest, write_agent_config
 
 pytestmark = pytest.mark.integration

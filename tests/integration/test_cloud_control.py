@@ -9,11 +9,11 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.fixtures.docker import ALLOWED
-from tests.fixtures.mosquitto import MosquittoBroker
 from tests.support.agentproc import AgentProcess, wait_for
 from tests.support.cloud import DEVICE, Console, agent_config, make_broker, publish, request_topic
 from tests.support.dockerd import Dockerd
+from tests.support.fixtures.docker import ALLOWED
+from tests.support.fixtures.mosquitto import MosquittoBroker
 from tests.support.keys import public_pem
 
 pytestmark = pytest.mark.integration

@@ -12,9 +12,7 @@ from typing import Any
 
 import pytest
 
-from agent.schemas import validate
-from tests.fixtures.docker import OTHER
-from tests.fixtures.mosquitto import MosquittoBroker
+from agent.core.schemas import validate
 from tests.support.agentproc import AgentProcess
 from tests.support.cloud import (
     ACCOUNT,
@@ -30,6 +28,8 @@ from tests.support.cloud import (
     sub_argv,
 )
 from tests.support.dockerd import Dockerd
+from tests.support.fixtures.docker import OTHER
+from tests.support.fixtures.mosquitto import MosquittoBroker
 
 pytestmark = pytest.mark.integration
 

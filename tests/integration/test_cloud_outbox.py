@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.docker import OTHER
 from tests.support.agentproc import AgentProcess, cli, wait_for
 from tests.support.cloud import ACCOUNT, APP, DEVICE, Subscriber, agent_config, decode_payload, make_broker
 from tests.support.dockerd import Dockerd
+from tests.support.fixtures.docker import OTHER
 
 pytestmark = pytest.mark.integration
 

@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
-from agent.mqtt.codec import PayloadCodec
-from agent.mqtt.kurapayload import KuraMessage, MetricValue
-from agent.mqtt.requests import REQUEST_ID, REQUESTER, RESPONSE_CODE, RESPONSE_MESSAGE
-from tests.fixtures.mosquitto import MosquittoBroker, MqttProbe
+from agent.adapters.mqtt.codec import PayloadCodec
+from agent.adapters.mqtt.kurapayload import KuraMessage, MetricValue
+from agent.adapters.mqtt.requests import REQUEST_ID, REQUESTER, RESPONSE_CODE, RESPONSE_MESSAGE
 from tests.support.agentproc import cli, write_config
+from tests.support.fixtures.mosquitto import MosquittoBroker, MqttProbe
 
 pytestmark = pytest.mark.integration
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.digest import Digest
-from tests.fixtures.mosquitto import MosquittoBroker
+from agent.core.digest import Digest
 from tests.support.dockerd import Dockerd
+from tests.support.fixtures.mosquitto import MosquittoBroker
 from tests.support.fleet import Fleet
 
 pytestmark = pytest.mark.integration

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.schemas import validate
-from tests.fixtures.docker import ALLOWED, OTHER
+from agent.core.schemas import validate
 from tests.support.agentproc import AgentProcess, cli, wait_for, write_config
 from tests.support.dockerd import Dockerd
+from tests.support.fixtures.docker import ALLOWED, OTHER
 
 pytestmark = pytest.mark.integration
 

@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
-from tests.fixtures.docker import OTHER
 from tests.support.agentproc import REPO, wait_for
+from tests.support.fixtures.docker import OTHER
 from tests.support.fleet import Fleet, statuses
 
 pytestmark = pytest.mark.integration

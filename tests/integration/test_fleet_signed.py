@@ -12,13 +12,13 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from agent.cosign.keys import PrivateKey, encrypt_private_key, public_key_pem
-from agent.mqtt.codec import PayloadCodec
-from agent.mqtt.kurapayload import KuraMessage
-from agent.signed_policy import sign_policy
-from tests.fixtures.docker import OTHER
-from tests.fixtures.mosquitto import MqttProbe
+from agent.adapters.mqtt.codec import PayloadCodec
+from agent.adapters.mqtt.kurapayload import KuraMessage
+from agent.verify.cosign.keys import PrivateKey, encrypt_private_key, public_key_pem
+from agent.verify.policy_signature import sign_policy
 from tests.support.cloud import ACCOUNT
+from tests.support.fixtures.docker import OTHER
+from tests.support.fixtures.mosquitto import MqttProbe
 from tests.support.fleet import Fleet, statuses
 
 pytestmark = pytest.mark.integration

@@ -16,10 +16,12 @@ from typing import Any
 
 import pytest
 
-from agent.digest import Digest
-from agent.schemas import validate
-from agent.store import Store
-from tests.fixtures.registry import (
+from agent.adapters.store import Store
+from agent.core.digest import Digest
+from agent.core.schemas import validate
+from tests.support.agentproc import AgentProcess, cli, wait_for
+from tests.support.dockerd import Dockerd
+from tests.support.fixtures.registry import (
     REGISTRY_BIN,
     RegistryServer,
     _Running,
@@ -27,8 +29,6 @@ from tests.fixtures.registry import (
     start_registry,
     stop_registry,
 )
-from tests.support.agentproc import AgentProcess, cli, wait_for
-from tests.support.dockerd import Dockerd
 from tests.support.ports import free_port
 from tests.support.signing import (
     build_and_push,
@@ -430,7 +430,7 @@ def test_status_changes_and_rejection_alert_arrive_over_the_broker(
     tmp_path: Path, engine: Dockerd, registry: Registry, mosquitto: Any, mqtt_probe_factory: Any
 ) -> None:
     """The instance telemetry leaves the outbox: status changes on .../instances, the alert on .../alerts."""
-    from agent.mqtt.kurapayload import decode_protobuf
+    from agent.adapters.mqtt.kurapayload import decode_protobuf
 
     state = tmp_path / "state"
     config = write_agent_config(

@@ -1,4 +1,4 @@
-"""The shared cosign interop vectors (../shared/interop/cosign, "Expected verdicts", cosign column) through a
+"""The shared cosign interop vectors (tests/vectors/cosign, "Expected verdicts", cosign column) through a
 real docker-registry: each case's signature artifact is pushed in cosign's layout (one OCI manifest tagged
 ``sha256-<hex>.sig``, one layer per ``signature-N``: payload blob, mediaType and annotations verbatim) and
 ``imageguard verify REG/repo@sha256:<sha256 of manifest.json> --key ...`` must give the expected verdict.
@@ -20,14 +20,14 @@ from typing import Any
 
 import pytest
 
-from agent.cosign.artifacts import ANN_SIGNATURE, LegacySignature
-from agent.digest import Digest
-from agent.registry import OCI_MANIFEST, Descriptor, Repository
-from agent.signature_store import OCI_CONFIG, signature_config, signature_manifest, signature_tag
-from tests.fixtures.registry import RegistryServer
+from agent.adapters.registry import OCI_MANIFEST, Descriptor, Repository
+from agent.adapters.signatures import OCI_CONFIG, signature_config, signature_manifest, signature_tag
+from agent.core.digest import Digest
+from agent.verify.cosign.artifacts import ANN_SIGNATURE, LegacySignature
 from tests.support.agentproc import cli
+from tests.support.cosign import CASES, KEYS, load_case, read_dir_signature
+from tests.support.fixtures.registry import RegistryServer
 from tests.support.signing import registry_entry, write_agent_config
-from tests.unit.cosign.helpers import CASES, KEYS, load_case, read_dir_signature
 
 pytestmark = pytest.mark.integration
 

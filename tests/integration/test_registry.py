@@ -6,12 +6,12 @@ import secrets
 
 import pytest
 
+from agent.adapters.registry import OCI_MANIFEST, RegistryClient, Repository
 from agent.config import RegistryConfig
-from agent.digest import Digest
+from agent.core.digest import Digest
+from agent.core.imageref import ImageRef
 from agent.errors import RegistryError, RegistryUnreachable
-from agent.imageref import ImageRef
-from agent.registry import OCI_MANIFEST, RegistryClient, Repository
-from tests.fixtures.registry import (
+from tests.support.fixtures.registry import (
     RegistryPKI,
     RegistryServer,
     TokenService,

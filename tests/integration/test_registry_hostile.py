@@ -10,12 +10,12 @@ from collections.abc import Callable
 
 import pytest
 
+from agent.adapters.registry import OCI_INDEX, OCI_MANIFEST, RegistryClient, Repository
 from agent.config import RegistryConfig
-from agent.digest import Digest
+from agent.core.digest import Digest
+from agent.core.imageref import ImageRef
 from agent.errors import RegistryError, RegistryUnreachable
-from agent.imageref import ImageRef
-from agent.registry import OCI_INDEX, OCI_MANIFEST, RegistryClient, Repository
-from tests.fixtures.registry import FakeRegistry, reply
+from tests.support.fixtures.registry import FakeRegistry, reply
 
 pytestmark = pytest.mark.integration
 
@@ -227,6 +227,6 @@ def test_plain_http_realm_gets_no_credentials_from_an_https_registry() -> None:
 
 
 def _deadline():  # type: ignore[no-untyped-def]
-    from agent.registry import _Deadline
+    from agent.adapters.registry import _Deadline
 
     return _Deadline(5, "test")

@@ -9,12 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.cosign.artifacts import SIMPLE_SIGNING_MEDIA_TYPE, BundleSignature, LegacySignature, SignatureSet
-from agent.digest import Digest
-from agent.errors import RegistryError
-from agent.imageref import ImageRef
-from agent.registry import OCI_INDEX, OCI_MANIFEST, Descriptor, RegistryClient, Repository, go_json
-from agent.signature_store import (
+from agent.adapters.registry import OCI_INDEX, OCI_MANIFEST, Descriptor, RegistryClient, Repository, go_json
+from agent.adapters.signatures import (
     BUNDLE_V03,
     attach_bundle,
     attach_signature,
@@ -24,11 +20,20 @@ from agent.signature_store import (
     referrers_tag,
     signature_tag,
 )
-from tests.fixtures.registry import RegistryServer, push_tiny_image
+from agent.core.digest import Digest
+from agent.core.imageref import ImageRef
+from agent.errors import RegistryError
+from agent.verify.cosign.artifacts import (
+    SIMPLE_SIGNING_MEDIA_TYPE,
+    BundleSignature,
+    LegacySignature,
+    SignatureSet,
+)
+from tests.support.cosign import CASES
+from tests.support.fixtures.registry import RegistryServer, push_tiny_image
 
 pytestmark = pytest.mark.integration
 
-CASES = Path("/work/shared/interop/cosign/cases")
 HEADER = b"\x00sigstore-json\n"
 VALID_DIGEST = Digest("sha256:634a8f35b5f16dcf4aaa0822adc0b1964bb786fca12f6831de8ddc45e5986a00")
 

@@ -24,16 +24,23 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from agent.cosign import keys
-from agent.cosign.artifacts import ANN_BUNDLE, ANN_CERTIFICATE, ANN_CHAIN, ANN_SIGNATURE, LegacySignature
-from agent.cosign.payload import build_payload
-from agent.digest import Digest
-from agent.imageref import ImageRef
-from agent.registry import OCI_MANIFEST, Repository
-from agent.signature_store import attach_signature, signature_tag
-from tests.fixtures.registry import FakeRegistry, RegistryServer, push_tiny_image, reply
+from agent.adapters.registry import OCI_MANIFEST, Repository
+from agent.adapters.signatures import attach_signature, signature_tag
+from agent.core.digest import Digest
+from agent.core.imageref import ImageRef
+from agent.verify.cosign import keys
+from agent.verify.cosign.artifacts import (
+    ANN_BUNDLE,
+    ANN_CERTIFICATE,
+    ANN_CHAIN,
+    ANN_SIGNATURE,
+    LegacySignature,
+)
+from agent.verify.cosign.payload import build_payload
 from tests.support.agentproc import cli
+from tests.support.cosign import EMAIL, ISSUER_URL, RekorLog, b64, issuer_extensions, make_cert, pem
 from tests.support.dockerd import Dockerd
+from tests.support.fixtures.registry import FakeRegistry, RegistryServer, push_tiny_image, reply
 from tests.support.ports import free_port
 from tests.support.signing import (
     build_and_push,
@@ -42,7 +49,6 @@ from tests.support.signing import (
     registry_entry,
     write_agent_config,
 )
-from tests.unit.cosign.helpers import EMAIL, ISSUER_URL, RekorLog, b64, issuer_extensions, make_cert, pem
 
 pytestmark = pytest.mark.integration
 

@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
-from agent.schemas import validate
-from tests.fixtures.registry import RegistryServer, start_registry, stop_registry
+from agent.core.schemas import validate
 from tests.support.agentproc import AgentProcess, cli, wait_for
 from tests.support.dockerd import Dockerd
+from tests.support.fixtures.registry import RegistryServer, start_registry, stop_registry
 from tests.support.signing import build_and_push, generate_keys, registry_entry, write_agent_config
 
 pytestmark = pytest.mark.integration

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.schemas import validate
-from tests.fixtures.mosquitto import MosquittoBroker, TlsFiles
+from agent.core.schemas import validate
 from tests.support.agentproc import REPO, write_config
 from tests.support.dockerd import Dockerd
+from tests.support.fixtures.mosquitto import MosquittoBroker, TlsFiles
 from tests.support.ports import free_port
 
 PROTO = REPO / "agent" / "mqtt" / "kurapayload.proto"

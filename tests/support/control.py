@@ -1,4 +1,4 @@
-"""The CONTAINER-AUTH-V1 request handler in process: Dispatcher + agent.control routes + a real Service on a
+"""The CONTAINER-AUTH-V1 request handler in process: Dispatcher + agent.control.resources routes + a real Service on a
 temp Store, with an unreachable engine. Requests go in as KuraPayloads, replies come back decoded."""
 
 from __future__ import annotations
@@ -7,16 +7,16 @@ import json
 from pathlib import Path
 from typing import Any
 
+from agent.adapters.engine import Engine
+from agent.adapters.mqtt.codec import PayloadCodec
+from agent.adapters.mqtt.kurapayload import KuraMessage, MetricValue, encode_protobuf
+from agent.adapters.mqtt.requests import Dispatcher
+from agent.adapters.mqtt.topics import Topics
+from agent.adapters.store import Store
 from agent.config import Config, from_dict
-from agent.control import ControlContext, routes
-from agent.engine import Engine
-from agent.mqtt.codec import PayloadCodec
-from agent.mqtt.kurapayload import KuraMessage, MetricValue, encode_protobuf
-from agent.mqtt.requests import Dispatcher
-from agent.mqtt.topics import Topics
-from agent.schemas import validate
-from agent.service import Service
-from agent.store import Store
+from agent.control.resources import ControlContext, routes
+from agent.control.service import Service
+from agent.core.schemas import validate
 from tests.support.keys import public_pem
 
 T = Topics(account="acme", device_id="dev-1")

@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.fixtures.mosquitto import MosquittoBroker
 from tests.support.agentproc import AgentProcess, cli, write_config
 from tests.support.cloud import ACCOUNT
 from tests.support.dockerd import Dockerd
+from tests.support.fixtures.mosquitto import MosquittoBroker
 
 
 @dataclass

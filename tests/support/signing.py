@@ -8,10 +8,10 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from agent.digest import Digest
-from tests.fixtures.registry import RegistryServer
+from agent.core.digest import Digest
 from tests.support.agentproc import cli, write_config
 from tests.support.dockerd import Dockerd
+from tests.support.fixtures.registry import RegistryServer
 
 PASSWORD = "correct horse"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from agent.mqtt.kurapayload import KuraMessage, KuraPosition, MetricValue
+from agent.adapters.mqtt.kurapayload import KuraMessage, KuraPosition, MetricValue
 
 metric_values = st.one_of(
     st.integers(-(2**31), 2**31 - 1).map(MetricValue.int32),

@@ -18,14 +18,14 @@ from typing import Any
 
 import pytest
 
+from agent.adapters.mqtt.birth import AgentInfo, DeviceFacts, birth_message, disconnect_message
+from agent.adapters.mqtt.codec import PayloadCodec
+from agent.adapters.mqtt.connection import MqttConnection, device_subscriptions
+from agent.adapters.mqtt.kurapayload import KuraMessage, MetricType, MetricValue, encode_protobuf
+from agent.adapters.mqtt.requests import Dispatcher, Request, Response
+from agent.adapters.mqtt.topics import Topics
 from agent.config import MqttConfig
-from agent.mqtt.birth import AgentInfo, DeviceFacts, birth_message, disconnect_message
-from agent.mqtt.codec import PayloadCodec
-from agent.mqtt.connection import MqttConnection, device_subscriptions
-from agent.mqtt.kurapayload import KuraMessage, MetricType, MetricValue, encode_protobuf
-from agent.mqtt.requests import Dispatcher, Request, Response
-from agent.mqtt.topics import Topics
-from tests.fixtures.mosquitto import MosquittoBroker, MqttProbe
+from tests.support.fixtures.mosquitto import MosquittoBroker, MqttProbe
 
 pytestmark = pytest.mark.integration
 
@@ -170,9 +170,9 @@ _CHILD = """
 import sys, time
 from pathlib import Path
 from agent.config import MqttConfig
-from agent.mqtt.connection import MqttConnection
-from agent.mqtt.kurapayload import KuraMessage
-from agent.mqtt.topics import Topics
+from agent.adapters.mqtt.connection import MqttConnection
+from agent.adapters.mqtt.kurapayload import KuraMessage
+from agent.adapters.mqtt.topics import Topics
 conn = MqttConnection(MqttConfig(url=sys.argv[1], account="acme"), Topics(account="acme", device_id="dev-1"),
                       subscriptions=[], birth=KuraMessage, disconnect=KuraMessage)
 conn.start()

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from agent.adapters.mqtt.connection import MqttConnection, device_subscriptions
+from agent.adapters.mqtt.kurapayload import KuraMessage
+from agent.adapters.mqtt.topics import Topics
 from agent.config import MqttConfig
-from agent.mqtt.connection import MqttConnection, device_subscriptions
-from agent.mqtt.kurapayload import KuraMessage
-from agent.mqtt.topics import Topics
-from tests.fixtures.mosquitto import HOST, MOSQUITTO, MosquittoBroker, MqttProbe, TlsFiles
+from tests.support.fixtures.mosquitto import HOST, MOSQUITTO, MosquittoBroker, MqttProbe, TlsFiles
 from tests.support.ports import free_port
 
 pytestmark = pytest.mark.integration

@@ -1,0 +1,291 @@
+"""Device-side commands: run, scan, allowlist, enforcement, policy, status, decisions."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from typing import Any
+
+from agent import logs
+from agent.adapters.store import Store
+from agent.adapters.wakeup import notify_agent
+from agent.cli.common import EXIT_NEGATIVE, EXIT_OK, emit, json_flag, load_config, read_json_file
+from agent.config import Config
+from agent.control.service import ApplyResult, Service
+from agent.core.digest import Digest
+from agent.errors import EngineError, NotFound
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("run", help="run the agent (monitor the engine and enforce the policy)")
+    p.add_argument(
+        "--policy", metavar="FILE", help="import this policy document at start (if its version is newer)"
+    )
+    p.add_argument("--log-format", choices=["text", "json"], help="log format (default: from config, text)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="log level")
+    p.set_defaults(handler=cmd_run)
+
+    p = sub.add_parser("scan", help="decide on every container now and remove those not allowed")
+    p.add_argument(
+        "--dry-run", action="store_true", help="only report what would happen: no action, nothing recorded"
+    )
+    json_flag(p)
+    p.set_defaults(handler=cmd_scan)
+
+    p = sub.add_parser("allowlist", help="show or change the device allowlist")
+    asub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    q = asub.add_parser("list", help="list the effective allowlist (device and fleet layers)")
+    json_flag(q)
+    q.set_defaults(handler=cmd_allowlist_list)
+    q = asub.add_parser("add", help="allow one or more digests")
+    q.add_argument("digests", nargs="+", metavar="DIGEST", help="sha256:<64 hex>")
+    q.add_argument("--comment", default="", help="why it is allowed (kept with the entry)")
+    json_flag(q)
+    q.set_defaults(handler=cmd_allowlist_add)
+    q = asub.add_parser("remove", help="withdraw a digest; its containers are removed at once")
+    q.add_argument("digest", metavar="DIGEST")
+    json_flag(q)
+    q.set_defaults(handler=cmd_allowlist_remove)
+
+    p = sub.add_parser("enforcement", help="show or switch enforcement (enabled, mode)")
+    p.add_argument("--enable", dest="enabled", action="store_const", const=True, help="switch enforcement on")
+    p.add_argument(
+        "--disable", dest="enabled", action="store_const", const=False, help="switch enforcement off"
+    )
+    p.add_argument("--mode", choices=["enforce", "audit"], help="enforce: remove; audit: only record")
+    json_flag(p)
+    p.set_defaults(handler=cmd_enforcement)
+
+    p = sub.add_parser("policy", help="import or export the device policy document")
+    psub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    q = psub.add_parser(
+        "import", help="replace the device policy with a document (its version must be newer)"
+    )
+    q.add_argument("file", metavar="FILE", help="policy JSON ('-' for standard input)")
+    json_flag(q)
+    q.set_defaults(handler=cmd_policy_import)
+    q = psub.add_parser("export", help="print a policy layer document")
+    q.add_argument("--layer", default="device", help="'device' (default) or 'group:NAME'")
+    q.set_defaults(handler=cmd_policy_export, json=True)
+
+    p = sub.add_parser("status", help="agent, engine and policy status")
+    json_flag(p)
+    p.set_defaults(handler=cmd_status)
+
+    p = sub.add_parser("decisions", help="recent decisions, newest first")
+    p.add_argument("--limit", type=_positive, default=20, help="how many (default 20)")
+    json_flag(p)
+    p.set_defaults(handler=cmd_decisions)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1 or value > 100_000:
+        raise argparse.ArgumentTypeError("must be between 1 and 100000")
+    return value
+
+
+def _service(cfg: Config) -> Service:
+    store = Store(cfg.state_dir, outbox_limit=cfg.mqtt.outbox_limit if cfg.mqtt else 10_000)
+
+    def wake_agent() -> None:
+        notify_agent(cfg.state_dir)
+
+    return Service(cfg, store, telemetry=cfg.mqtt is not None, on_change=wake_agent)
+
+
+def _applied_text(r: ApplyResult) -> str:
+    if r.status == "unchanged":
+        return f"nothing new: layer {r.layer} stays at version {r.version}"
+    extra = f", {r.revoked} verified digests revoked" if r.revoked else ""
+    return f"layer {r.layer} is now version {r.version}{extra}"
+
+
+# -- commands ------------------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
+    logs.setup(args.log_level or cfg.logging.level, args.log_format or cfg.logging.format)
+    from agent.app import Agent, LazyVerifier
+
+    agent = Agent(cfg, verifier=LazyVerifier(cfg))
+    if args.policy:
+        doc = read_json_file(args.policy, "policy file")
+        result = agent.service.import_policy(doc, source=f"file {args.policy}")
+        logging.getLogger("agent").info("policy file %s: %s", args.policy, _applied_text(result))
+    agent.run_forever()
+    return EXIT_OK
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
+    from agent.adapters.engine import Engine
+    from agent.runtime.enforcer import Enforcer
+    from agent.runtime.verification import build_verifier
+
+    service = _service(cfg)
+    engine = Engine(cfg.engine.url, cfg.engine.timeout_seconds)
+    enforcer = Enforcer(
+        engine,
+        service.store,
+        service.effective(),
+        cfg.enforcement,
+        device=cfg.device.id,
+        verifier=build_verifier(cfg),
+        telemetry=cfg.mqtt is not None,
+    )
+    try:
+        results = enforcer.scan(dry_run=args.dry_run)
+    finally:
+        enforcer.close()
+    records = [r.record for r in results]
+    not_allowed = [r for r in records if r["verdict"] != "allowed"]
+
+    def text() -> str:
+        lines = [
+            f"{r['verdict'] or 'needs-verification':<18} {r['container']['name'][:30]:<30} {r['image'][:40]:<40} "
+            f"{r['reason']}"
+            for r in records
+        ]
+        head = "dry run: nothing was changed\n" if args.dry_run else ""
+        return (
+            head
+            + ("\n".join(lines) if lines else "no containers")
+            + f"\n{len(not_allowed)} of {len(records)} not allowed"
+        )
+
+    emit(args, {"dry_run": args.dry_run, "decisions": records}, text)
+    return EXIT_NEGATIVE if not_allowed else EXIT_OK
+
+
+def cmd_allowlist_list(args: argparse.Namespace) -> int:
+    service = _service(load_config(args))
+    entries = []
+    for layer in service.store.layers():
+        for e in layer.allowlist:
+            entries.append({"digest": str(e.digest), "comment": e.comment, "layer": layer.name})
+    emit(
+        args,
+        {"allowlist": entries, "policy_version": service.effective().version},
+        lambda: (
+            "\n".join(f"{e['digest']}  {e['layer']:<12} {e['comment']}" for e in entries)
+            or "allowlist is empty"
+        ),
+    )
+    return EXIT_OK
+
+
+def cmd_allowlist_add(args: argparse.Namespace) -> int:
+    digests = [Digest.parse(d) for d in args.digests]  # all or nothing: validate before changing
+    result = _service(load_config(args)).allowlist_add(digests, args.comment)
+    emit(args, result.to_dict(), _applied_text(result))
+    return EXIT_OK
+
+
+def cmd_allowlist_remove(args: argparse.Namespace) -> int:
+    digest = Digest.parse(args.digest)
+    try:
+        result = _service(load_config(args)).allowlist_remove(digest)
+    except NotFound as exc:
+        emit(args, {"error": {"code": exc.code, "message": str(exc)}}, f"imageguard: {exc}")
+        return EXIT_NEGATIVE
+    emit(args, result.to_dict(), _applied_text(result))
+    return EXIT_OK
+
+
+def cmd_enforcement(args: argparse.Namespace) -> int:
+    service = _service(load_config(args))
+    if args.enabled is not None or args.mode is not None:
+        result = service.set_enforcement(enabled=args.enabled, mode=args.mode)
+        if not args.json:
+            print(_applied_text(result))
+    e = service.effective().enforcement
+    emit(args, e.to_dict(), f"enforcement {'enabled' if e.enabled else 'disabled'}, mode {e.mode}")
+    return EXIT_OK
+
+
+def cmd_policy_import(args: argparse.Namespace) -> int:
+    doc = read_json_file(args.file, "policy file")
+    result = _service(load_config(args)).import_policy(doc, source="cli")
+    emit(args, result.to_dict(), _applied_text(result))
+    return EXIT_OK
+
+
+def cmd_policy_export(args: argparse.Namespace) -> int:
+    service = _service(load_config(args))
+    emit(args, service.export_policy(args.layer), "")
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from agent.adapters.engine import Engine
+    from agent.app import LOCK_NAME, read_lock
+
+    cfg = load_config(args)
+    service = _service(cfg)
+    agent = read_lock(cfg.state_dir / LOCK_NAME)
+    engine: dict[str, Any] = {"url": cfg.engine.url}
+    try:
+        info = Engine(cfg.engine.url, min(cfg.engine.timeout_seconds, 5)).ping()
+        engine.update(reachable=True, version=info.get("Version"), api_version=info.get("ApiVersion"))
+    except EngineError as exc:
+        engine.update(reachable=False, error=str(exc))
+    status: dict[str, Any] = {
+        **service.summary(),
+        "config": cfg.source,
+        "state_dir": str(cfg.state_dir),
+        "agent": {"running": agent is not None, **(agent or {})},
+        "engine": engine,
+        "mqtt": {"configured": cfg.mqtt is not None, "url": cfg.mqtt.url if cfg.mqtt else None},
+    }
+
+    def text() -> str:
+        a = status["agent"]
+        running = (
+            f"running (pid {a.get('pid')}, since {time.ctime(a['started'])})"
+            if a["running"]
+            else "not running"
+        )
+        e = status["engine"]
+        eng = f"reachable (Docker {e.get('version')})" if e["reachable"] else f"UNREACHABLE: {e.get('error')}"
+        p = status["policy"]
+        enf = status["enforcement"]
+        return "\n".join(
+            [
+                f"device:       {status['device']}  (config {status['config']})",
+                f"agent:        {running}",
+                f"engine:       {cfg.engine.url} {eng}",
+                f"enforcement:  {'enabled' if enf['enabled'] else 'DISABLED'}, mode {enf['mode']}",
+                f"policy:       version {p['version']}, layers {p['layers'] or '{}'}, {p['allowlist']} digests, "
+                f"anchors {', '.join(p['trust_anchors']) or 'none'}",
+                f"verified:     {status['verified_digests']} digests",
+                f"decisions:    {status['decisions']} recorded",
+                f"outbox:       {status['outbox']['queued']} queued",
+            ]
+        )
+
+    emit(args, status, text)
+    healthy = status["agent"]["running"] and engine["reachable"]
+    return EXIT_OK if healthy else EXIT_NEGATIVE
+
+
+def cmd_decisions(args: argparse.Namespace) -> int:
+    service = _service(load_config(args))
+    rows = [rec for _, rec in service.store.decisions(args.limit)]
+
+    def text() -> str:
+        return (
+            "\n".join(
+                f"{r['time']}  {r['verdict']:<11} {r['container']['name'][:28]:<28} {r['image'][:36]:<36} {r['reason']}"
+                for r in rows
+            )
+            or "no decisions recorded"
+        )
+
+    emit(args, {"decisions": rows}, text)
+    return EXIT_OK

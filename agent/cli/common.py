@@ -1,0 +1,48 @@
+"""What every command module shares: exit codes, output, reading the configuration and JSON input."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from agent import config as config_mod
+from agent.errors import InputError
+
+EXIT_OK, EXIT_NEGATIVE, EXIT_ERROR = 0, 1, 2
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def emit(args: argparse.Namespace, data: Any, text: Callable[[], str] | str) -> None:
+    """Print ``data`` as JSON with --json, else the human text."""
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        out = text() if callable(text) else text
+        if out:
+            print(out)
+
+
+def load_config(args: argparse.Namespace) -> config_mod.Config:
+    return config_mod.load(Path(args.config) if args.config else None)
+
+
+def read_json_file(path: str, what: str) -> Any:
+    try:
+        raw = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InputError(f"{what} {path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{what} {path}: not UTF-8 text") from None
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{what} {path}: not valid JSON: {exc}") from None
+
+
+def json_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")

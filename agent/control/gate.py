@@ -1,0 +1,90 @@
+"""How policy changes arriving over MQTT must look on this device (light: no crypto unless a key is set).
+
+The signature check itself lives in :mod:`agent.verify.policy_signature`, imported only when a policy-signing key is
+provisioned, so devices without one do not load the crypto stack (bench/control.py: about 8 MB of RSS).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from agent.config import Config
+from agent.core.envelope import ENVELOPE_SCHEMA, is_envelope, target_for_layer
+from agent.core.policy import DEVICE_LAYER, PolicyLayer
+from agent.core.schemas import validate
+from agent.errors import InputError, PolicyError, PolicySignatureError
+
+if TYPE_CHECKING:
+    from agent.verify.policy_signature import PolicyVerifier
+
+
+@dataclass(frozen=True)
+class PolicyGate:
+    """What a policy change arriving over MQTT must look like on this device.
+
+    Without a verifier, bare documents and envelopes are both accepted (an envelope is unwrapped unverified:
+    no key is provisioned, so it is as trusted as a bare document). A ``target``, when named, must be ours.
+    With a verifier, only whole, signed, correctly targeted documents pass.
+    """
+
+    device_id: str
+    verifier: PolicyVerifier | None = None
+
+    @classmethod
+    def from_config(cls, config: Config) -> PolicyGate:
+        path = config.mqtt.policy_signing_key if config.mqtt else None
+        if path is None:
+            return cls(config.device.id, None)
+        from agent.verify.policy_signature import PolicyVerifier
+
+        return cls(config.device.id, PolicyVerifier.from_file(path))
+
+    @property
+    def signing_required(self) -> bool:
+        return self.verifier is not None
+
+    def require_whole_document(self, what: str) -> None:
+        """Refuse a piecemeal change (allowlist entry, anchor, enforcement) while signing is on."""
+        if self.verifier is not None:
+            raise PolicySignatureError(
+                f"{what}: a signed whole layer document is required (this device accepts policy changes only "
+                "as a signed document: PUT policy with a signed envelope)",
+                code="signed-document-required",
+            )
+
+    def open(self, body: Any, layer: str = DEVICE_LAYER) -> dict[str, Any]:
+        """The layer document carried by ``body`` after the signature and target checks."""
+        what = f"policy for layer {layer!r}"
+        if self.verifier is not None:
+            document = self.verifier.verify(body, what)
+        elif is_envelope(body):
+            validate(body, ENVELOPE_SCHEMA, what)
+            document = dict(body["document"])
+        elif isinstance(body, Mapping):
+            document = dict(body)
+        else:
+            raise InputError(f"{what}: expected a JSON object")
+        self._check_target(document, layer, what)
+        return document
+
+    def accept(self, body: Any, layer: str = DEVICE_LAYER) -> PolicyLayer:
+        """:meth:`open`, then parse the document as ``layer``. Version checks are the policy service's."""
+        return PolicyLayer.from_document(self.open(body, layer), layer, what=f"policy for layer {layer!r}")
+
+    def _check_target(self, document: Mapping[str, Any], layer: str, what: str) -> None:
+        expected = target_for_layer(layer, self.device_id)
+        target = document.get("target")
+        if target is None:
+            if self.verifier is not None:
+                raise PolicySignatureError(
+                    f"{what}: the signed document names no target; it must name {expected}",
+                    code="policy-wrong-target",
+                )
+            return
+        if target != expected:
+            message = f"{what}: at /target: the document is for {target}, not for {expected}"
+            if self.verifier is None:  # a misdirected document, not a signature matter: 400
+                raise PolicyError(message, code="wrong-target")
+            raise PolicySignatureError(message, code="policy-wrong-target")  # a replay: 403

@@ -1,0 +1,127 @@
+"""Engine facts as typed values: raw Docker dicts are parsed here and never reach the core."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.core.digest import Digest
+from agent.core.imageref import ImageRef
+from agent.errors import ImageGuardError
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerEvent:
+    """A container lifecycle event we act on. ``time_nano`` lets the stream resume after a reconnect."""
+
+    container_id: str
+    action: str
+    time_nano: int
+    image: str = ""
+    name: str = ""
+
+    @classmethod
+    def from_raw(cls, raw: Mapping[str, Any]) -> ContainerEvent | None:
+        """Parse one /events record; anything that is not a container start is dropped (None)."""
+        if raw.get("Type") != "container":
+            return None
+        action = raw.get("Action") or raw.get("status") or ""
+        if action != "start":
+            return None
+        actor = raw.get("Actor") or {}
+        cid = actor.get("ID") or raw.get("id")
+        if not isinstance(cid, str) or not cid:
+            return None
+        attrs = actor.get("Attributes") or {}
+        time_nano = raw.get("timeNano")
+        if not isinstance(time_nano, int):
+            t = raw.get("time")
+            time_nano = int(t) * 1_000_000_000 if isinstance(t, int) else 0
+        return cls(
+            container_id=cid,
+            action=action,
+            time_nano=time_nano,
+            image=str(attrs.get("image", "")),
+            name=str(attrs.get("name", "")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerFacts:
+    """What the engine says about one container and its image, at one moment."""
+
+    id: str
+    name: str
+    #: the image as the user named it (Config.Image): a tag reference, a digest reference or an image id
+    image: str
+    image_id: Digest | None
+    #: ``repo@sha256:...`` entries of the image (RepoDigests)
+    repo_digests: tuple[tuple[ImageRef, Digest], ...] = ()
+    state: str = "unknown"
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def digests(self) -> tuple[Digest, ...]:
+        """Every digest that identifies the image: repo digests first, then the image id."""
+        out: list[Digest] = []
+        for _, d in self.repo_digests:
+            if d not in out:
+                out.append(d)
+        if self.image_id is not None and self.image_id not in out:
+            out.append(self.image_id)
+        return tuple(out)
+
+    @property
+    def image_ref(self) -> ImageRef | None:
+        """The reference the user started, if it names a repository (not a bare image id)."""
+        try:
+            ref = ImageRef.parse(self.image)
+        except ImageGuardError:
+            return None
+        # ``sha256:<hex>`` parses as repository library/sha256, a bare ``<hex>`` as library/<hex>
+        if self.image_id is not None and ref.repository in ("library/sha256", f"library/{self.image_id.hex}"):
+            return None
+        return ref
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:12]
+
+
+def parse_repo_digest(text: str) -> tuple[ImageRef, Digest] | None:
+    """``registry/repo@sha256:...`` as listed in RepoDigests; malformed entries are ignored."""
+    name, sep, _ = text.partition("@")
+    if not sep:
+        return None
+    try:
+        ref = ImageRef.parse(text)
+    except ImageGuardError:
+        return None
+    if ref.digest is None or not name:
+        return None
+    return ref, ref.digest
+
+
+def facts_from_inspect(container: Mapping[str, Any], image: Mapping[str, Any] | None) -> ContainerFacts:
+    """Build facts from ``GET /containers/{id}/json`` and ``GET /images/{id}/json`` (image may be gone)."""
+    cfg = container.get("Config") or {}
+    state = container.get("State") or {}
+    image_id: Digest | None
+    try:
+        image_id = Digest.parse(container.get("Image", ""))
+    except ImageGuardError:
+        image_id = None
+    repo_digests: list[tuple[ImageRef, Digest]] = []
+    for entry in (image or {}).get("RepoDigests") or ():
+        if isinstance(entry, str) and (parsed := parse_repo_digest(entry)):
+            repo_digests.append(parsed)
+    return ContainerFacts(
+        id=str(container.get("Id", "")),
+        name=str(container.get("Name", "")).lstrip("/"),
+        image=str(cfg.get("Image", "")),
+        image_id=image_id,
+        repo_digests=tuple(repo_digests),
+        state=str(state.get("Status", "unknown")),
+        labels=dict(cfg.get("Labels") or {}),
+    )

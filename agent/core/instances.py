@@ -1,0 +1,541 @@
+"""Managed container instances: the spec (parsed once, here), the stored state, and the pure planning rules.
+
+An instance names an image by mutable tag (or digest) and a trust anchor. The agent resolves the tag,
+verifies the digest, *pins* it and runs the container from ``repo@digest``. The pinned digest allows
+containers only while the instance is enabled and the pin still answers the spec (same image, same tag or
+digest, same anchor material): :func:`enabled_pins` is what the enforcement policy sees.
+
+No I/O here: the manager (agent/runtime/instances.py) observes the engine, asks :func:`plan` what to do next
+and does it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Literal
+
+from agent.core.anchors import TrustAnchor
+from agent.core.digest import Digest
+from agent.core.imageref import ImageRef
+from agent.core.schemas import load_schema, validate
+from agent.errors import DigestError, ImageRefError, SchemaError
+
+#: labels every managed container carries (the enforcement loop and ``docker ps`` can tell them apart)
+LABEL_MANAGED = "dev.imageguard.managed"
+LABEL_INSTANCE = "dev.imageguard.instance"
+#: hash of what the container was created from: a different value means "recreate"
+LABEL_CONFIG = "dev.imageguard.config"
+RESERVED_LABEL_PREFIX = "dev.imageguard."
+DEFAULT_STOP_TIMEOUT = 10
+
+_REQUIRED = re.compile(r"'([^']+)' is a required property")
+
+Status = Literal["pending", "pulling", "verifying", "running", "failed", "disabled"]
+
+
+class FailReason(StrEnum):
+    """Stable reason codes of a failed instance (or of a rejected update)."""
+
+    IMAGE_UNAVAILABLE_OFFLINE = "image-unavailable-offline"
+    SIGNATURE_INVALID = "signature-invalid"
+    DIGEST_MISMATCH = "digest-mismatch"
+    ANCHOR_MISSING = "anchor-missing"
+    ANCHOR_SCOPE = "anchor-scope"
+    ANCHOR_INVALID = "anchor-invalid"
+    CREDENTIALS_MISSING = "credentials-missing"
+    REGISTRY_ERROR = "registry-error"
+    PULL_FAILED = "pull-failed"
+    ENGINE_ERROR = "engine-error"
+    UPDATE_REJECTED = "update-rejected"
+
+
+#: failures that can heal by themselves (network, engine): retried with backoff
+RETRYABLE = frozenset(
+    {
+        FailReason.IMAGE_UNAVAILABLE_OFFLINE,
+        FailReason.REGISTRY_ERROR,
+        FailReason.PULL_FAILED,
+        FailReason.ENGINE_ERROR,
+    }
+)
+
+
+class InstanceFailure(Exception):
+    """One step of the lifecycle failed; ``reason`` is the stable code the state and telemetry carry."""
+
+    def __init__(self, reason: FailReason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+# ---- the spec ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PortMapping:
+    container: int
+    host: int | None = None
+    protocol: Literal["tcp", "udp"] = "tcp"
+    host_ip: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeMount:
+    source: str
+    target: str
+    read_only: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    command: tuple[str, ...] | None = None
+    environment: tuple[tuple[str, str], ...] = ()
+    ports: tuple[PortMapping, ...] = ()
+    volumes: tuple[VolumeMount, ...] = ()
+    restart: str = "no"
+    network: str | None = None
+    labels: tuple[tuple[str, str], ...] = ()
+    stop_timeout_seconds: int = DEFAULT_STOP_TIMEOUT
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceSpec:
+    """A declared instance, valid by construction (use :meth:`from_document`)."""
+
+    name: str
+    image: ImageRef  # carries the tag or the digest
+    anchor_name: str | None
+    inline_anchor: TrustAnchor | None
+    enforcement_digest: Digest | None
+    registry_credentials: str | None
+    enabled: bool
+    run: RunOptions
+    update_interval_seconds: int | None
+    document: Mapping[str, Any] = field(compare=False, hash=False, repr=False)
+
+    @classmethod
+    def from_document(cls, doc: Any, what: str = "instance", pointer: str = "") -> InstanceSpec:
+        """Validate (schema, unknown fields, meaning) and build. Raises SchemaError naming the field path."""
+        _reject_unknown(doc, load_schema("instance"), what, pointer)
+        try:
+            validate(doc, "instance", what)
+        except SchemaError as exc:
+            # name the missing field itself, as for unknown fields
+            missing = _REQUIRED.fullmatch(exc.detail)
+            at = f"{exc.pointer}/{_escape(missing.group(1))}" if missing else exc.pointer
+            raise SchemaError(what, pointer + at, exc.detail) from None
+
+        def bad(at: str, detail: str) -> SchemaError:
+            return SchemaError(what, f"{pointer}/{at}", detail)
+
+        image_text = doc["image"]
+        if "tag" in doc and "digest" in doc:
+            raise bad("digest", "give a tag or a digest, not both")
+        if ":" in image_text.rsplit("/", 1)[-1] or "@" in image_text:
+            raise bad("image", "the repository only: give the tag in 'tag' or the digest in 'digest'")
+        digests: dict[str, Digest] = {}
+        for key in ("digest", "enforcement_digest"):
+            if key in doc:
+                try:
+                    digests[key] = Digest.parse(doc[key])
+                except DigestError as exc:
+                    raise bad(key, str(exc)) from None
+        try:
+            ref = ImageRef.parse(image_text)
+            if "digest" in digests:
+                ref = ref.with_digest(digests["digest"])
+            else:
+                ref = ImageRef(ref.registry, ref.repository, doc.get("tag", "latest"))
+                ImageRef.parse(str(ref))  # the tag must be one the engine accepts
+        except ImageRefError as exc:
+            raise bad("image", str(exc)) from None
+        enforcement = digests.get("enforcement_digest")
+        if enforcement is not None and ref.digest is not None and enforcement != ref.digest:
+            raise bad("enforcement_digest", f"differs from the instance's digest {ref.digest}")
+        anchor = doc.get("trust_anchor")
+        if anchor is None and enforcement is None:
+            raise bad("trust_anchor", "required unless enforcement_digest is given (nothing could vouch)")
+        inline = None
+        if isinstance(anchor, dict):
+            inline = TrustAnchor(
+                name=f"instance-{doc['name']}",
+                kind=anchor.get("kind", "key"),
+                pem=anchor["pem"],
+                require_tlog=bool(anchor.get("require_tlog", False)),
+            )
+        return cls(
+            name=doc["name"],
+            image=ref,
+            anchor_name=anchor if isinstance(anchor, str) else None,
+            inline_anchor=inline,
+            enforcement_digest=enforcement,
+            registry_credentials=doc.get("registry_credentials"),
+            enabled=bool(doc.get("enabled", True)),
+            run=_run_options(doc.get("run") or {}, bad),
+            update_interval_seconds=doc.get("update_interval_seconds"),
+            document=json.loads(json.dumps(doc)),
+        )
+
+    def to_document(self) -> dict[str, Any]:
+        out: dict[str, Any] = json.loads(json.dumps(self.document))
+        return out
+
+    @property
+    def repository(self) -> str:
+        """``registry/repository``: what ``docker pull`` and the container's image name use."""
+        return self.image.name
+
+    def trust_anchor(self, lookup: Callable[[str], TrustAnchor | None]) -> TrustAnchor | None:
+        """The anchor that must vouch (None: the enforcement digest vouches). Raises InstanceFailure."""
+        if self.enforcement_digest is not None:
+            return None
+        if self.inline_anchor is not None:
+            return self.inline_anchor
+        assert self.anchor_name is not None
+        anchor = lookup(self.anchor_name)
+        if anchor is None:
+            raise InstanceFailure(
+                FailReason.ANCHOR_MISSING, f"trust anchor {self.anchor_name!r} is not in the effective policy"
+            )
+        if not anchor.covers(self.image):
+            raise InstanceFailure(
+                FailReason.ANCHOR_SCOPE,
+                f"trust anchor {anchor.name!r} does not cover {self.repository} (its scope: "
+                f"{', '.join(anchor.scope)})",
+            )
+        return anchor
+
+    def with_enabled(self, enabled: bool) -> InstanceSpec:
+        doc = dict(self.document, enabled=enabled)
+        return InstanceSpec.from_document(doc)
+
+
+def _run_options(run: Mapping[str, Any], bad: Callable[[str, str], SchemaError]) -> RunOptions:
+    labels = tuple(sorted((run.get("labels") or {}).items()))
+    for key, _ in labels:
+        if key.startswith(RESERVED_LABEL_PREFIX):
+            raise bad(f"run/labels/{key}", f"labels under {RESERVED_LABEL_PREFIX} are set by ImageGuard")
+    seen: set[tuple[int, str]] = set()
+    ports = []
+    for i, p in enumerate(run.get("ports") or ()):
+        mapping = PortMapping(p["container"], p.get("host"), p.get("protocol", "tcp"), p.get("host_ip"))
+        if (mapping.container, mapping.protocol) in seen:
+            raise bad(
+                f"run/ports/{i}/container", f"port {mapping.container}/{mapping.protocol} is mapped twice"
+            )
+        seen.add((mapping.container, mapping.protocol))
+        ports.append(mapping)
+    command = run.get("command")
+    return RunOptions(
+        command=tuple(command) if command is not None else None,
+        environment=tuple(sorted((run.get("environment") or {}).items())),
+        ports=tuple(ports),
+        volumes=tuple(
+            VolumeMount(v["source"], v["target"], bool(v.get("read_only", False)))
+            for v in run.get("volumes") or ()
+        ),
+        restart=run.get("restart", "no"),
+        network=run.get("network"),
+        labels=labels,
+        stop_timeout_seconds=run.get("stop_timeout_seconds", DEFAULT_STOP_TIMEOUT),
+    )
+
+
+def _reject_unknown(doc: Any, schema: Mapping[str, Any], what: str, pointer: str) -> None:
+    """Name the path of an unknown field (JSON Schema only names the object that holds it)."""
+    root = schema
+
+    def walk(node: Any, sch: Mapping[str, Any], at: str) -> None:
+        while "$ref" in sch:
+            sch = root["$defs"][sch["$ref"].rsplit("/", 1)[-1]]
+        if isinstance(node, dict) and "properties" in sch:
+            props = sch["properties"]
+            for key, value in node.items():
+                if key not in props:
+                    if sch.get("additionalProperties") is False:
+                        raise SchemaError(what, f"{at}/{_escape(str(key))}", "unknown field")
+                    continue
+                walk(value, props[key], f"{at}/{_escape(key)}")
+        elif isinstance(node, list) and isinstance(sch.get("items"), dict):
+            for i, item in enumerate(node):
+                walk(item, sch["items"], f"{at}/{i}")
+        elif isinstance(node, dict) and "oneOf" in sch:
+            for option in sch["oneOf"]:
+                resolved = root["$defs"][option["$ref"].rsplit("/", 1)[-1]] if "$ref" in option else option
+                if resolved.get("type") == "object":
+                    walk(node, resolved, at)
+
+    walk(doc, schema, pointer)
+
+
+def _escape(key: str) -> str:
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+def parse_instances(items: Iterable[Any], what: str) -> tuple[InstanceSpec, ...]:
+    """The ``instances`` array of a device layer; names must be unique."""
+    out: dict[str, InstanceSpec] = {}
+    for i, item in enumerate(items):
+        spec = InstanceSpec.from_document(item, what, f"/instances/{i}")
+        if spec.name in out:
+            raise SchemaError(what, f"/instances/{i}/name", f"instance {spec.name!r} is defined twice")
+        out[spec.name] = spec
+    return tuple(out.values())
+
+
+# ---- pins and container identity ----------------------------------------------------------------------
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def pin_key(spec: InstanceSpec, anchor: TrustAnchor | None) -> str:
+    """What a pinned digest answers: image, tag or digest, and what vouched. Run options are not part of it."""
+    return _hash(
+        {
+            "image": spec.repository,
+            "tag": spec.image.tag,
+            "digest": str(spec.image.digest) if spec.image.digest else None,
+            "enforcement_digest": str(spec.enforcement_digest) if spec.enforcement_digest else None,
+            "anchor": anchor.fingerprint if anchor is not None else None,
+        }
+    )
+
+
+def current_pin_key(spec: InstanceSpec, lookup: Callable[[str], TrustAnchor | None]) -> str | None:
+    """The pin key the spec asks for now, or None if its anchor cannot be used (no pin then counts)."""
+    try:
+        return pin_key(spec, spec.trust_anchor(lookup))
+    except InstanceFailure:
+        return None
+
+
+def container_config(spec: InstanceSpec, digest: Digest) -> str:
+    """Identity of the container to run: a change of run options or pinned digest means recreate."""
+    r = spec.run
+    return _hash(
+        {
+            "name": spec.name,
+            "image": f"{spec.repository}@{digest}",
+            "command": list(r.command) if r.command is not None else None,
+            "environment": [list(kv) for kv in r.environment],
+            "ports": [[p.container, p.host, p.protocol, p.host_ip] for p in r.ports],
+            "volumes": [[v.source, v.target, v.read_only] for v in r.volumes],
+            "restart": r.restart,
+            "network": r.network,
+            "labels": [list(kv) for kv in r.labels],
+            "stop_timeout": r.stop_timeout_seconds,
+        }
+    )[:32]
+
+
+def docker_create_args(spec: InstanceSpec, digest: Digest) -> tuple[dict[str, Any], dict[str, Any]]:
+    """docker-py ``create_container`` keyword arguments and ``create_host_config`` ones for the instance."""
+    r = spec.run
+    labels = dict(r.labels)
+    labels.update(
+        {LABEL_MANAGED: "true", LABEL_INSTANCE: spec.name, LABEL_CONFIG: container_config(spec, digest)}
+    )
+    create: dict[str, Any] = {
+        "image": f"{spec.repository}@{digest}",
+        "name": spec.name,
+        "labels": labels,
+        "environment": [f"{k}={v}" for k, v in r.environment] or None,
+        "stop_timeout": r.stop_timeout_seconds,
+    }
+    if r.command is not None:
+        create["command"] = list(r.command)
+    host: dict[str, Any] = {}
+    if r.ports:
+        create["ports"] = [(p.container, p.protocol) for p in r.ports]
+        host["port_bindings"] = {
+            f"{p.container}/{p.protocol}": (p.host_ip, p.host) if p.host_ip else p.host for p in r.ports
+        }
+    if r.volumes:
+        host["binds"] = [f"{v.source}:{v.target}:{'ro' if v.read_only else 'rw'}" for v in r.volumes]
+    if r.restart != "no":
+        host["restart_policy"] = {"Name": r.restart}
+    if r.network is not None:
+        host["network_mode"] = r.network
+    return create, host
+
+
+# ---- stored state -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceState:
+    """What the agent knows about one instance (the ``instances`` table: Kura's snapshot of pins)."""
+
+    name: str
+    status: Status = "pending"
+    reason: str | None = None
+    detail: str = ""
+    pinned_digest: Digest | None = None
+    #: :func:`pin_key` of the spec the digest was pinned for
+    pin_key: str | None = None
+    #: pin key of the last failed attempt: a non-retryable failure is not retried for the same key
+    attempt_key: str | None = None
+    container_id: str | None = None
+    updated_at: str = ""
+    #: outcome of the last update request or periodic check
+    last_update: Mapping[str, Any] | None = None
+    #: epoch seconds of the last tag check (periodic updates)
+    last_check: float = 0.0
+
+    def meta(self) -> dict[str, Any]:
+        """The fields stored as JSON in the ``spec`` column."""
+        return {
+            "detail": self.detail,
+            "pin_key": self.pin_key,
+            "attempt_key": self.attempt_key,
+            "last_update": dict(self.last_update) if self.last_update is not None else None,
+            "last_check": self.last_check,
+        }
+
+    @classmethod
+    def from_row(
+        cls,
+        name: str,
+        meta: str,
+        status: str,
+        pinned: str | None,
+        container_id: str | None,
+        reason: str | None,
+        updated_at: str,
+    ) -> InstanceState:
+        m = json.loads(meta) if meta else {}
+        return cls(
+            name=name,
+            status=status,  # type: ignore[arg-type]
+            reason=reason,
+            detail=str(m.get("detail") or ""),
+            pinned_digest=Digest.parse(pinned) if pinned else None,
+            pin_key=m.get("pin_key"),
+            attempt_key=m.get("attempt_key"),
+            container_id=container_id,
+            updated_at=updated_at,
+            last_update=m.get("last_update"),
+            last_check=float(m.get("last_check") or 0.0),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": self.name,
+            "status": self.status,
+            "pinned_digest": str(self.pinned_digest) if self.pinned_digest else None,
+            "container_id": self.container_id,
+            "updated_at": self.updated_at,
+        }
+        if self.reason:
+            out["reason"] = self.reason
+        if self.detail:
+            out["detail"] = self.detail
+        if self.last_update is not None:
+            out["last_update"] = dict(self.last_update)
+        return out
+
+
+def enabled_pins(
+    specs: Iterable[InstanceSpec],
+    states: Mapping[str, InstanceState],
+    lookup: Callable[[str], TrustAnchor | None],
+) -> frozenset[Digest]:
+    """Digests that allow containers: pinned by an enabled instance whose pin still answers its spec."""
+    out = set()
+    for spec in specs:
+        state = states.get(spec.name)
+        if not spec.enabled or state is None or state.pinned_digest is None:
+            continue
+        if state.pin_key is not None and state.pin_key == current_pin_key(spec, lookup):
+            out.add(state.pinned_digest)
+    return frozenset(out)
+
+
+# ---- planning -----------------------------------------------------------------------------------------
+
+
+class Step(StrEnum):
+    NOTHING = "nothing"
+    REMOVE = "remove"  # remove every container of the instance (deleted or disabled)
+    PIN = "pin"  # resolve, verify and pin a digest (first time, spec changed, or an update)
+    FETCH = "fetch"  # the pinned image is not on the engine: pull it by digest
+    CREATE = "create"  # remove stale containers, create and start the declared one
+    START = "start"  # the declared container exists but is not running
+    WAIT = "wait"  # failed for a reason that retrying the same spec cannot fix
+
+
+@dataclass(frozen=True, slots=True)
+class ObservedContainer:
+    id: str
+    running: bool
+    config: str
+
+
+@dataclass(frozen=True, slots=True)
+class Observed:
+    containers: tuple[ObservedContainer, ...] = ()
+    image_present: bool = False
+
+
+def plan(
+    spec: InstanceSpec | None,
+    state: InstanceState | None,
+    observed: Observed,
+    key: str,
+    *,
+    update: bool = False,
+) -> Step:
+    """The next step towards the declared instance. ``key`` is :func:`current_pin_key` of the spec."""
+    if spec is None or not spec.enabled:
+        return Step.REMOVE if observed.containers else Step.NOTHING
+    pinned = state is not None and state.pinned_digest is not None and state.pin_key == key
+    if not pinned or update:
+        if (
+            not update
+            and state is not None
+            and state.status == "failed"
+            and state.attempt_key == key
+            and state.reason not in RETRYABLE
+        ):
+            return Step.WAIT
+        return Step.PIN
+    assert state is not None and state.pinned_digest is not None
+    if not observed.image_present:
+        return Step.FETCH
+    want = container_config(spec, state.pinned_digest)
+    if len(observed.containers) != 1 or observed.containers[0].config != want:
+        return Step.CREATE
+    if not observed.containers[0].running:
+        return Step.START
+    return Step.NOTHING
+
+
+def update_due(spec: InstanceSpec, state: InstanceState | None, now: float) -> bool:
+    """A periodic tag check is due (only for tags: a digest never moves)."""
+    if spec.update_interval_seconds is None or spec.image.tag is None or not spec.enabled:
+        return False
+    if state is None or state.pinned_digest is None:
+        return False
+    return now >= state.last_check + spec.update_interval_seconds
+
+
+def next_check(specs: Iterable[InstanceSpec], states: Mapping[str, InstanceState]) -> float | None:
+    """Epoch seconds of the earliest periodic check, if any instance has one."""
+    times = [
+        states[s.name].last_check + s.update_interval_seconds
+        for s in specs
+        if s.update_interval_seconds is not None
+        and s.image.tag is not None
+        and s.enabled
+        and s.name in states
+        and states[s.name].pinned_digest is not None
+    ]
+    return min(times) if times else None

@@ -1,0 +1,182 @@
+"""Policy: versioned layers (the device's own and one per fleet group) and the effective union of them.
+
+A layer is parsed and checked once, here; the core only sees :class:`EffectivePolicy` snapshots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from agent.core.anchors import TrustAnchor
+from agent.core.digest import Digest
+from agent.core.imageref import ImageRef
+from agent.core.instances import InstanceSpec, parse_instances
+from agent.core.schemas import validate
+from agent.errors import DigestError, PolicyError, RollbackError
+
+Mode = Literal["enforce", "audit"]
+DEVICE_LAYER = "device"
+
+
+def group_layer(group: str) -> str:
+    return f"group:{group}"
+
+
+@dataclass(frozen=True, slots=True)
+class Enforcement:
+    enabled: bool = True
+    mode: Mode = "enforce"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"enabled": self.enabled, "mode": self.mode}
+
+
+@dataclass(frozen=True, slots=True)
+class AllowlistEntry:
+    digest: Digest
+    comment: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"digest": str(self.digest)}
+        if self.comment:
+            out["comment"] = self.comment
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyLayer:
+    """One versioned layer. ``enforcement`` is honoured only in the device layer."""
+
+    name: str = DEVICE_LAYER
+    version: int = 0
+    enforcement: Enforcement | None = None
+    allowlist: tuple[AllowlistEntry, ...] = ()
+    trust_anchors: tuple[TrustAnchor, ...] = ()
+    target: Mapping[str, str] | None = None
+    #: managed container instances (device layer only; agent/core/instances.py)
+    instances: tuple[InstanceSpec, ...] = ()
+
+    @classmethod
+    def from_document(cls, doc: Any, name: str = DEVICE_LAYER, what: str = "policy") -> PolicyLayer:
+        """Validate a policy document (schema, then meaning) and build the layer. Raises PolicyError."""
+        validate(doc, "policy", what)
+        entries: dict[Digest, AllowlistEntry] = {}
+        for i, e in enumerate(doc.get("allowlist", ())):
+            try:
+                digest = Digest.parse(e["digest"])
+            except DigestError as exc:
+                raise PolicyError(f"{what}: at /allowlist/{i}/digest: {exc}") from None
+            entries.setdefault(digest, AllowlistEntry(digest, e.get("comment", "")))
+        anchors: dict[str, TrustAnchor] = {}
+        for i, a in enumerate(doc.get("trust_anchors", ())):
+            if a["name"] in anchors:
+                raise PolicyError(
+                    f"{what}: at /trust_anchors/{i}/name: anchor {a['name']!r} is defined twice"
+                )
+            anchors[a["name"]] = TrustAnchor.from_dict(a, f"{what}: at /trust_anchors/{i}")
+        enforcement = None
+        if "enforcement" in doc:
+            if name != DEVICE_LAYER:
+                raise PolicyError(f"{what}: at /enforcement: enforcement can only be set in the device layer")
+            enforcement = Enforcement(**doc["enforcement"])
+        instances: tuple[InstanceSpec, ...] = ()
+        if "instances" in doc:
+            if name != DEVICE_LAYER:
+                raise PolicyError(
+                    f"{what}: at /instances: instances can only be declared in the device layer"
+                )
+            instances = parse_instances(doc["instances"], what)
+        return cls(
+            name=name,
+            version=int(doc["version"]),  # JSON Schema counts 3.0 as an integer
+            enforcement=enforcement,
+            allowlist=tuple(entries.values()),
+            trust_anchors=tuple(anchors.values()),
+            target=doc.get("target"),
+            instances=instances,
+        )
+
+    def to_document(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"version": self.version}
+        if self.target:
+            doc["target"] = dict(self.target)
+        if self.enforcement is not None:
+            doc["enforcement"] = self.enforcement.to_dict()
+        doc["allowlist"] = [e.to_dict() for e in self.allowlist]
+        doc["trust_anchors"] = [a.to_dict() for a in self.trust_anchors]
+        if self.instances:
+            doc["instances"] = [i.to_document() for i in self.instances]
+        return doc
+
+    def check_successor(self, new: PolicyLayer) -> bool:
+        """True if ``new`` should replace this layer; False if it is the same version (nothing new).
+
+        Raises RollbackError for an older version.
+        """
+        if new.version < self.version:
+            raise RollbackError(
+                f"policy layer {self.name!r}: version {new.version} is older than the held version "
+                f"{self.version}; send a version greater than {self.version}"
+            )
+        return new.version > self.version
+
+    def bumped(self, **changes: Any) -> PolicyLayer:
+        """A copy with ``changes`` applied and the version increased by one (local edits)."""
+        fields: dict[str, Any] = {
+            "name": self.name,
+            "version": self.version + 1,
+            "enforcement": self.enforcement,
+            "allowlist": self.allowlist,
+            "trust_anchors": self.trust_anchors,
+            "target": self.target,
+            "instances": self.instances,
+        }
+        fields.update(changes)
+        return PolicyLayer(**fields)
+
+
+@dataclass(frozen=True)
+class EffectivePolicy:
+    """The union of all layers, as the enforcement loop reads it. Immutable: swapped whole on change."""
+
+    enforcement: Enforcement
+    allowlist: frozenset[Digest]
+    trust_anchors: tuple[TrustAnchor, ...]
+    versions: Mapping[str, int] = field(default_factory=dict)
+    #: digests pinned by enabled managed instances (they allow containers like allowlist entries)
+    instance_digests: frozenset[Digest] = frozenset()
+
+    @property
+    def version(self) -> int:
+        return self.versions.get(DEVICE_LAYER, 0)
+
+    def anchors_for(self, ref: ImageRef | None) -> tuple[TrustAnchor, ...]:
+        if ref is None:
+            return ()
+        return tuple(a for a in self.trust_anchors if a.covers(ref))
+
+    def anchor(self, name: str) -> TrustAnchor | None:
+        return next((a for a in self.trust_anchors if a.name == name), None)
+
+    @classmethod
+    def compose(
+        cls,
+        layers: Iterable[PolicyLayer],
+        default_enforcement: Enforcement,
+        instance_digests: frozenset[Digest] = frozenset(),
+    ) -> EffectivePolicy:
+        enforcement = default_enforcement
+        allow: set[Digest] = set()
+        anchors: dict[str, TrustAnchor] = {}
+        versions: dict[str, int] = {}
+        # device layer last, so that its anchor of a given name wins over a group's
+        for layer in sorted(layers, key=lambda lyr: lyr.name == DEVICE_LAYER):
+            versions[layer.name] = layer.version
+            allow.update(e.digest for e in layer.allowlist)
+            for a in layer.trust_anchors:
+                anchors[a.name] = a
+            if layer.name == DEVICE_LAYER and layer.enforcement is not None:
+                enforcement = layer.enforcement
+        return cls(enforcement, frozenset(allow), tuple(anchors.values()), versions, instance_digests)

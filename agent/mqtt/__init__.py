@@ -1,2 +1,0 @@
-"""Kura-compatible MQTT cloud connection: payload codec, topics, lifecycle certificates, the broker
-connection and the request/response dispatcher. See agent/mqtt/README.md."""

@@ -1,0 +1,350 @@
+"""Preventive enforcement: the agent as a Docker Engine authorization plugin.
+
+dockerd asks the plugin about every API request before acting on it (moby ``pkg/authorization``):
+
+- ``POST /Plugin.Activate`` -> ``{"Implements": ["authz"]}``
+- ``POST /AuthZPlugin.AuthZReq`` with ``{"RequestMethod", "RequestUri", "RequestHeaders", "RequestBody"
+  (base64)}`` -> ``{"Allow": bool, "Msg": str}``; dockerd shows ``Msg`` to the client on a denial.
+- ``POST /AuthZPlugin.AuthZRes`` (the same plus the response) -> ``{"Allow": true}``: by then the engine
+  has acted, so refusing the response would protect nothing.
+
+Only requests that start a container are judged; every other request is allowed at once. Deciding on a
+start looks the container up through the same engine, and that lookup is itself put to this plugin, so
+connections are served concurrently (one thread each; dockerd keeps them alive).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import json
+import logging
+import os
+import posixpath
+import re
+import socket
+import socketserver
+import stat
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
+
+from agent.adapters.engine import Gone
+from agent.errors import EngineError, InputError, StateError
+
+if TYPE_CHECKING:
+    from agent.runtime.enforcer import Enforcer
+
+log = logging.getLogger(__name__)
+
+ACTIVATE = "/Plugin.Activate"
+AUTHZ_REQ = "/AuthZPlugin.AuthZReq"
+AUTHZ_RES = "/AuthZPlugin.AuthZRes"
+CONTENT_TYPE = "application/vnd.docker.plugins.v1+json"
+#: dockerd forwards request and response bodies only up to 1 MiB (then base64): anything far bigger is not dockerd
+MAX_MESSAGE = 8 * 1024 * 1024
+
+# docker routes ``/containers/{name:.*}/start``: the name may itself hold slashes, so match greedily.
+# ``restart`` starts a stopped container too.
+_START = re.compile(r"^(?:/v[0-9][0-9.]*)?/containers/(?P<ref>.+)/(?:start|restart)/?$")
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    allow: bool
+    msg: str = ""
+
+    def to_json(self) -> bytes:
+        doc: dict[str, Any] = {"Allow": self.allow}
+        if self.msg:
+            doc["Msg"] = self.msg
+        return json.dumps(doc).encode()
+
+
+ALLOW = Answer(True)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthzRequest:
+    """One ``AuthZReq`` message, parsed strictly."""
+
+    method: str
+    uri: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+    body: bytes | None = None
+    user: str = ""
+
+    @classmethod
+    def parse(cls, doc: Any) -> AuthzRequest:
+        """Raises InputError on any field of the wrong type or a body that is not base64."""
+        if not isinstance(doc, dict):
+            raise InputError("authorization request: not a JSON object")
+        method, uri = doc.get("RequestMethod"), doc.get("RequestUri")
+        if not isinstance(method, str) or not method:
+            raise InputError("authorization request: RequestMethod missing or not a string")
+        if not isinstance(uri, str) or not uri.startswith("/"):
+            raise InputError("authorization request: RequestUri missing or not an absolute path")
+        headers = doc.get("RequestHeaders") or {}
+        if not isinstance(headers, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+        ):
+            raise InputError("authorization request: RequestHeaders is not a map of strings")
+        user = doc.get("User") or ""
+        if not isinstance(user, str):
+            raise InputError("authorization request: User is not a string")
+        raw_body = doc.get("RequestBody")
+        body = None
+        if raw_body is not None:
+            if not isinstance(raw_body, str):
+                raise InputError("authorization request: RequestBody is not a base64 string")
+            try:
+                body = base64.b64decode(raw_body, validate=True)
+            except (binascii.Error, ValueError):
+                raise InputError("authorization request: RequestBody is not valid base64") from None
+        return cls(method, uri, headers, body, user)
+
+
+def start_target(method: str, uri: str) -> str | None:
+    """The container a request would start (as named in the URI), or None if it starts nothing.
+
+    Errs towards "it is a start": the path is percent-decoded and cleaned (as dockerd's router does or
+    redirects), and the method compared without case.
+    """
+    if method.upper() != "POST":
+        return None
+    path = unquote(uri.split("?", 1)[0].split("#", 1)[0])
+    if "\x00" in path:
+        path = path.replace("\x00", "")
+    clean = posixpath.normpath("/" + path.lstrip("/"))
+    m = _START.match(clean)
+    return m.group("ref") if m else None
+
+
+Authorize = Callable[[str], Answer]
+
+
+def answer_request(raw: bytes, authorize: Authorize) -> Answer:
+    """Answer one ``AuthZReq``. Fails closed: a start request, or one whose kind cannot be told, that
+    cannot be parsed or decided is denied; any other request is allowed."""
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return Answer(False, "ImageGuard: unreadable authorization request (not JSON); refused")
+    method = doc.get("RequestMethod") if isinstance(doc, dict) else None
+    uri = doc.get("RequestUri") if isinstance(doc, dict) else None
+    if not isinstance(method, str) or not isinstance(uri, str):
+        return Answer(False, "ImageGuard: authorization request without method or URI; refused")
+    target = start_target(method, uri)
+    if target is None:
+        return ALLOW
+    try:
+        AuthzRequest.parse(doc)
+    except InputError as exc:
+        return Answer(False, f"ImageGuard: {exc}; start refused")
+    try:
+        return authorize(target)
+    except Exception as exc:  # any failure to decide refuses the start
+        log.exception("authorization of a start of %s failed", target)
+        return Answer(False, f"ImageGuard could not decide on container {target}: {exc}; start refused")
+
+
+class Gate:
+    """Decides start requests with the enforcer's live policy (the same rules as the monitor).
+
+    Only in enforce mode: in audit mode, or with enforcement switched off, every start is allowed at once
+    and the monitor records what it would have done.
+    """
+
+    def __init__(self, enforcer: Enforcer) -> None:
+        self.enforcer = enforcer
+
+    def thread_done(self) -> None:
+        """Close the engine connection this (connection) thread opened for its lookups."""
+        self.enforcer.engine.close()
+
+    def __call__(self, ref: str) -> Answer:
+        e = self.enforcer.policy.enforcement
+        if not e.enabled or e.mode != "enforce":
+            return ALLOW
+        try:
+            handled = self.enforcer.authorize(ref)
+        except Gone:
+            return Answer(False, f"ImageGuard: no such container {ref!r}; start refused")
+        except EngineError as exc:
+            log.error("refused the start of %s: %s", ref, exc)
+            return Answer(False, f"ImageGuard cannot look up container {ref!r} ({exc}); start refused")
+        d, facts = handled.decision, handled.facts
+        name = facts.name or facts.short_id
+        if d.verdict == "allowed":
+            log.info("allowed start of container %s (%s): %s", name, facts.image, d.reason.value)
+            return ALLOW
+        log.warning("prevented start of container %s (%s): %s", name, facts.image, d.detail)
+        return Answer(
+            False,
+            f"ImageGuard: image {facts.image} is not allowed on this device ({d.reason.value}: {d.detail})",
+        )
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _UnixServer
+
+    def do_POST(self) -> None:
+        length_text = self.headers.get("Content-Length")
+        try:
+            length = int(length_text) if length_text is not None else -1
+        except ValueError:
+            length = -1
+        if length < 0 or length > MAX_MESSAGE:
+            # without a readable length the connection cannot be reused; dockerd treats this as a plugin
+            # error and refuses the request
+            self._reply(411 if length < 0 else 413, {"Err": "a Content-Length up to 8 MiB is required"})
+            self.close_connection = True
+            return
+        body = self.rfile.read(length)
+        if len(body) != length:
+            self.close_connection = True
+            return
+        if self.path == AUTHZ_REQ:
+            answer = answer_request(body, self.server.authorize)
+            if not answer.allow:
+                log.debug("authz: denied %s", answer.msg)
+            self._send(200, answer.to_json())
+        elif self.path == AUTHZ_RES:
+            self._send(200, b'{"Allow":true}')
+        elif self.path == ACTIVATE:
+            self._send(200, b'{"Implements":["authz"]}')
+        else:
+            self._reply(404, {"Err": f"unknown plugin method {self.path}"})
+
+    def _reply(self, status: int, doc: dict[str, Any]) -> None:
+        self._send(status, json.dumps(doc).encode())
+
+    def _send(self, status: int, payload: bytes) -> None:
+        self.send_response_only(status)
+        self.send_header("Content-Type", CONTENT_TYPE)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def address_string(self) -> str:
+        return "dockerd"  # a Unix socket peer has no address
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("authz: " + format, *args)
+
+
+class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    block_on_close = False
+    request_queue_size = 128
+
+    def __init__(self, path: str, authorize: Authorize, on_thread_end: Callable[[], None] | None) -> None:
+        self.authorize = authorize
+        self.on_thread_end = on_thread_end
+        self._open: set[socket.socket] = set()
+        self._open_lock = threading.Lock()
+        super().__init__(path, _Handler, bind_and_activate=False)
+
+    # dockerd keeps connections alive: track them, so that closing the server really stops answering
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._open_lock:
+            self._open.add(request)
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            if self.on_thread_end is not None:
+                self.on_thread_end()
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._open_lock:
+            self._open.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        with self._open_lock:
+            conns = list(self._open)
+        for conn in conns:
+            with contextlib.suppress(OSError):  # already closed by its handler
+                conn.shutdown(socket.SHUT_RDWR)
+
+
+class AuthzServer:
+    """Serves the plugin protocol on a Unix socket until ``close``."""
+
+    def __init__(
+        self, path: Path, authorize: Authorize, *, on_thread_end: Callable[[], None] | None = None
+    ) -> None:
+        """``on_thread_end`` runs on each connection's thread when dockerd closes that connection."""
+        self.path = path
+        self._authorize = authorize
+        self._on_thread_end = on_thread_end
+        self._server: _UnixServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        _claim(self.path)
+        self._server = _UnixServer(str(self.path), self._authorize, self._on_thread_end)
+        try:
+            self._server.server_bind()
+            # for dockerd (root) only; chmod rather than umask, which would race with other threads' files
+            os.chmod(self.path, 0o600)
+            self._server.server_activate()
+        except OSError as exc:
+            self._server.server_close()
+            raise StateError(
+                f"cannot serve the authorization plugin on {self.path}: {exc.strerror}"
+            ) from None
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.2}, name="authz", daemon=True
+        )
+        self._thread.start()
+        log.info("authorization plugin serving on %s", self.path)
+
+    def close(self) -> None:
+        if self._thread is None or self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        self._server.close_connections()
+        self._thread.join(timeout=5)
+        self._thread = None
+        self.path.unlink(missing_ok=True)
+
+
+def _claim(path: Path) -> None:
+    """Make the socket path usable: create its directory, remove a stale socket, refuse a live one."""
+    try:
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StateError(f"cannot create the plugin socket directory {path.parent}: {exc.strerror}") from None
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise StateError(f"{path} exists and is not a socket; remove it or choose another preventive.socket")
+    if socket_answers(path):
+        raise StateError(f"another process already serves {path} (a second agent?)")
+    path.unlink()
+
+
+def socket_answers(path: Path, timeout: float = 1.0) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()

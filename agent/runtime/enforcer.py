@@ -1,0 +1,397 @@
+"""The enforcement loop: engine facts -> decide (pure core) -> record -> act.
+
+Work for one container always runs on the same lane (a single thread), so events for one container are
+handled in order while different containers are handled in parallel.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Protocol
+
+from agent.adapters.engine import Engine, Gone
+from agent.adapters.store import Store
+from agent.config import EnforcementConfig
+from agent.core.decision import (
+    Decision,
+    Evidence,
+    FailedVerification,
+    Reason,
+    VerificationOutcome,
+    VerifiedDigest,
+    VerifyTarget,
+    conclude,
+    decide,
+)
+from agent.core.digest import Digest
+from agent.core.facts import ContainerFacts
+from agent.core.policy import EffectivePolicy
+from agent.core.records import decision_record, decision_telemetry
+from agent.errors import EngineError, ImageGuardError
+
+log = logging.getLogger(__name__)
+
+
+#: how long a start the authorization plugin allowed spares the monitor deciding again on its start event
+AUTHORIZED_TTL = 30.0
+
+
+class Verifier(Protocol):
+    """Checks signatures for pending decisions (see agent/runtime/verification.py)."""
+
+    def verify(self, targets: tuple[VerifyTarget, ...], timeout: float) -> VerificationOutcome: ...
+
+
+@dataclass(frozen=True)
+class Handled:
+    """The result of handling one container (what the CLI prints for a scan)."""
+
+    record: dict[str, Any]
+    decision: Decision
+    facts: ContainerFacts
+
+
+class Lanes:
+    """N single-thread queues; a key always maps to the same lane."""
+
+    def __init__(self, count: int, name: str = "lane") -> None:
+        self._queues: list[queue.SimpleQueue[Callable[[], None] | None]] = [
+            queue.SimpleQueue() for _ in range(count)
+        ]
+        self._threads = [
+            threading.Thread(target=self._run, args=(q,), name=f"{name}-{i}", daemon=True)
+            for i, q in enumerate(self._queues)
+        ]
+        for t in self._threads:
+            t.start()
+
+    @staticmethod
+    def _run(q: queue.SimpleQueue[Callable[[], None] | None]) -> None:
+        while (job := q.get()) is not None:
+            try:
+                job()
+            except Exception:
+                log.exception("enforcement job failed")
+
+    def submit(self, key: str, fn: Callable[[], Any]) -> Future[Any]:
+        fut: Future[Any] = Future()
+
+        def job() -> None:
+            if not fut.set_running_or_notify_cancel():
+                return
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:
+                fut.set_exception(exc)
+
+        self._queues[zlib.crc32(key.encode()) % len(self._queues)].put(job)
+        return fut
+
+    def close(self) -> None:
+        for q in self._queues:
+            q.put(None)
+        for t in self._threads:
+            t.join(timeout=5)
+
+
+class Enforcer:
+    def __init__(
+        self,
+        engine: Engine,
+        store: Store,
+        policy: EffectivePolicy,
+        settings: EnforcementConfig,
+        *,
+        device: str,
+        verifier: Verifier | None = None,
+        telemetry: bool = False,
+        lanes: int = 8,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.engine = engine
+        self.store = store
+        self.settings = settings
+        self.device = device
+        self.verifier = verifier
+        self.telemetry = telemetry
+        self.clock = clock
+        self._policy = policy
+        self._verified = store.verified()
+        self._failures: dict[Digest, tuple[FailedVerification, float]] = {}
+        self._inflight: dict[tuple[Any, ...], Future[VerificationOutcome]] = {}
+        #: container id -> (policy, time) of a start the authorization plugin just allowed
+        self._authorized: dict[str, tuple[EffectivePolicy, float]] = {}
+        self._lock = threading.Lock()
+        self._lanes = Lanes(lanes)
+
+    # -- state -------------------------------------------------------------------------------------
+
+    @property
+    def policy(self) -> EffectivePolicy:
+        return self._policy
+
+    def set_policy(self, policy: EffectivePolicy) -> None:
+        with self._lock:
+            self._policy = policy
+            self._failures.clear()  # a new policy deserves a fresh look
+        self.reload_verified()
+
+    def reload_verified(self) -> None:
+        verified = self.store.verified()
+        with self._lock:
+            self._verified = verified
+
+    def _evidence(self) -> Evidence:
+        now = self.clock()
+        with self._lock:
+            failures = {d: f for d, (f, exp) in self._failures.items() if exp > now}
+            return Evidence(self._verified, failures)
+
+    # -- entry points ------------------------------------------------------------------------------
+
+    def submit(self, container_id: str, trigger: str) -> Future[Handled | None]:
+        return self._lanes.submit(container_id, lambda: self.handle(container_id, trigger))
+
+    def scan(self, *, dry_run: bool = False, trigger: str = "scan") -> list[Handled]:
+        """Decide (and unless ``dry_run``, act) on every container, running or stopped."""
+        ids = self.engine.container_ids()
+        futures = [
+            self._lanes.submit(cid, partial(self.handle, cid, trigger, dry_run=dry_run)) for cid in ids
+        ]
+        results = []
+        for fut in futures:
+            try:
+                if (handled := fut.result()) is not None:
+                    results.append(handled)
+            except ImageGuardError as exc:
+                log.error("scan: %s", exc)
+        return results
+
+    def close(self) -> None:
+        self._lanes.close()
+
+    # -- one container -----------------------------------------------------------------------------
+
+    def handle(self, container_id: str, trigger: str, *, dry_run: bool = False) -> Handled | None:
+        if trigger == "start" and self._just_authorized(container_id):
+            log.debug("container %s was allowed before it started; not deciding again", container_id[:12])
+            return None
+        policy = self._policy
+        try:
+            facts, decision = self._decide(container_id, policy)
+        except Gone:
+            log.debug("container %s vanished before it could be inspected", container_id[:12])
+            return None
+        paused = False
+        if decision.pending:
+            if dry_run:
+                decision = Decision(
+                    None,
+                    Reason.NOT_ALLOWLISTED,
+                    "would be verified against its trust anchors",
+                    decision.digests,
+                    verify=decision.verify,
+                )
+                return Handled(self._record(decision, facts, policy, trigger, "none"), decision, facts)
+            if policy.enforcement.mode == "enforce" and facts.state == "running":
+                paused = self._pause(facts)
+            decision = conclude(decision, self._verify(decision.verify), policy)
+        action = "none"
+        if decision.verdict == "blocked":
+            action = "remove"
+        elif paused:
+            action = "unpause"
+        record = self._record(decision, facts, policy, trigger, action)
+        if dry_run:
+            return Handled(record, decision, facts)
+        self._save(record)
+        self._act(facts, decision, action)
+        return Handled(record, decision, facts)
+
+    def _decide(self, container_id: str, policy: EffectivePolicy) -> tuple[ContainerFacts, Decision]:
+        """Facts (image details may come from the cache) and the decision on them.
+
+        A cached image may lack registry digests added since (a later pull or push), so anything short of
+        "allowed" is decided again on a fresh inspect before it counts.
+        """
+        facts = self.engine.container_facts(container_id)
+        decision = decide(facts, policy, self._evidence())
+        stale = decision.verdict != "allowed" and facts.image_id is not None
+        if stale and self.engine.forget_image(str(facts.image_id)):
+            facts = self.engine.container_facts(container_id)
+            decision = decide(facts, policy, self._evidence())
+        return facts, decision
+
+    def authorize(self, container_id: str) -> Handled:
+        """Decide before the engine starts a container (the authorization plugin): record, never act.
+
+        A pending verification gets ``verify_timeout_seconds`` of wall time, then the start is refused
+        (the verification itself runs on and its result is cached for the next attempt). Raises Gone or
+        EngineError when the container cannot be looked up: the caller refuses the start then.
+        """
+        policy = self._policy
+        facts, decision = self._decide(container_id, policy)
+        if decision.pending:
+            decision = conclude(decision, self._verify_within(decision.verify), policy)
+        action = "deny" if decision.verdict == "blocked" else "none"
+        record = self._record(decision, facts, policy, "prevented", action)
+        self._save(record)
+        if decision.verdict == "allowed":
+            with self._lock:
+                self._authorized[facts.id] = (policy, self.clock())
+                if len(self._authorized) > 4096:  # bounded: drop the oldest
+                    del self._authorized[next(iter(self._authorized))]
+        return Handled(record, decision, facts)
+
+    def _just_authorized(self, container_id: str) -> bool:
+        """Whether the start event follows a start the plugin allowed under the policy still in force.
+
+        Consumed once: a later start (a restart policy, which asks no plugin) is decided again.
+        """
+        with self._lock:
+            entry = self._authorized.pop(container_id, None)
+        return entry is not None and entry[0] is self._policy and self.clock() - entry[1] < AUTHORIZED_TTL
+
+    def _verify_within(self, targets: tuple[VerifyTarget, ...]) -> VerificationOutcome:
+        timeout = self.settings.verify_timeout_seconds
+        fut: Future[VerificationOutcome] = Future()
+
+        def run() -> None:
+            try:
+                fut.set_result(self._verify(targets))
+            except BaseException as exc:
+                fut.set_exception(exc)
+
+        threading.Thread(target=run, name="authz-verify", daemon=True).start()
+        try:
+            return fut.result(timeout)
+        except TimeoutError:
+            return VerificationOutcome(
+                None,
+                Reason.VERIFICATION_TIMEOUT,
+                f"signature verification did not finish within {timeout:g}s",
+            )
+
+    def _record(
+        self, decision: Decision, facts: ContainerFacts, policy: EffectivePolicy, trigger: str, action: str
+    ) -> dict[str, Any]:
+        return decision_record(
+            decision, facts, policy, device=self.device, trigger=trigger, action=action, now=self.clock()
+        )
+
+    def _save(self, record: dict[str, Any]) -> None:
+        try:
+            self.store.record_decision(record, decision_telemetry(record) if self.telemetry else ())
+        except Exception:
+            # the record is lost, the enforcement is not: acting is what protects the device
+            log.exception("could not store decision %s", record["id"])
+
+    def _act(self, facts: ContainerFacts, decision: Decision, action: str) -> None:
+        name = facts.name or facts.short_id
+        if action == "remove":
+            try:
+                outcome = self.engine.stop_and_remove(facts.id, self.settings.stop_grace_seconds)
+            except EngineError as exc:
+                log.error("could not remove blocked container %s: %s", name, exc)
+                return
+            log.warning(
+                "blocked container %s (%s): %s; %s", name, facts.image, decision.reason.value, outcome
+            )
+        elif action == "unpause":
+            try:
+                self.engine.unpause(facts.id)
+            except (Gone, EngineError) as exc:
+                log.warning("could not unpause verified container %s: %s", name, exc)
+            log.info("allowed container %s (%s): %s", name, facts.image, decision.reason.value)
+        elif decision.verdict == "would-block":
+            log.warning("audit: container %s (%s) would be blocked: %s", name, facts.image, decision.detail)
+        else:
+            log.info("allowed container %s (%s): %s", name, facts.image, decision.reason.value)
+
+    def _pause(self, facts: ContainerFacts) -> bool:
+        try:
+            self.engine.pause(facts.id)
+            return True
+        except (Gone, EngineError) as exc:
+            log.debug("could not pause %s before verification: %s", facts.short_id, exc)
+            return False
+
+    # -- verification ------------------------------------------------------------------------------
+
+    def _verify(self, targets: tuple[VerifyTarget, ...]) -> VerificationOutcome:
+        """Verify once per (targets, anchors) even when a burst of containers asks at the same time."""
+        key = tuple((str(t.ref), tuple(a.fingerprint for a in t.anchors)) for t in targets)
+        with self._lock:
+            fut = self._inflight.get(key)
+            owner = fut is None
+            if fut is None:
+                # a verification may have finished since decide() looked (the pause sits in between)
+                if (recent := self._recent_outcome(targets)) is not None:
+                    return recent
+                fut = self._inflight[key] = Future()
+        if not owner:
+            return fut.result()
+        try:
+            outcome = self._run_verifier(targets)
+            fut.set_result(outcome)
+            return outcome
+        finally:
+            with self._lock:
+                self._inflight.pop(key, None)
+
+    def _recent_outcome(self, targets: tuple[VerifyTarget, ...]) -> VerificationOutcome | None:
+        """A result already known for these targets (caller holds the lock), or None."""
+        now = self.clock()
+        for t in targets:
+            fingerprints = {a.fingerprint for a in t.anchors}
+            for record in self._verified.get(t.ref.digest, ()) if t.ref.digest else ():
+                if record.anchor_fingerprint in fingerprints:
+                    return VerificationOutcome(record)
+        names = [frozenset(a.name for a in t.anchors) for t in targets]
+        found = [self._failures.get(t.ref.digest) if t.ref.digest else None for t in targets]
+        if all(f is not None and f[1] > now and f[0].anchors == n for f, n in zip(found, names, strict=True)):
+            first = found[0][0]  # type: ignore[index]
+            return VerificationOutcome(None, first.reason, first.detail + " (cached result)")
+        return None
+
+    def _run_verifier(self, targets: tuple[VerifyTarget, ...]) -> VerificationOutcome:
+        if self.verifier is None:
+            outcome = VerificationOutcome(
+                None, Reason.VERIFICATION_ERROR, "signature verification is not available"
+            )
+        else:
+            try:
+                outcome = self.verifier.verify(targets, self.settings.verify_timeout_seconds)
+            except Exception as exc:  # a verifier bug must fail closed, never crash enforcement
+                log.exception("verifier failed")
+                outcome = VerificationOutcome(None, Reason.VERIFICATION_ERROR, f"verifier failed: {exc}")
+        if outcome.verified is not None:
+            self._remember(outcome.verified)
+        else:
+            expires = self.clock() + self.settings.negative_cache_seconds
+            with self._lock:
+                for t in targets:
+                    if t.ref.digest is not None:
+                        anchors = frozenset(a.name for a in t.anchors)
+                        self._failures[t.ref.digest] = (
+                            FailedVerification(outcome.reason, outcome.detail, anchors),
+                            expires,
+                        )
+        return outcome
+
+    def _remember(self, v: VerifiedDigest) -> None:
+        try:
+            self.store.add_verified(v)
+        except Exception:
+            log.exception("could not persist verified digest %s", v.digest)
+        with self._lock:
+            others = tuple(r for r in self._verified.get(v.digest, ()) if r.anchor != v.anchor)
+            self._verified = {**self._verified, v.digest: (*others, v)}

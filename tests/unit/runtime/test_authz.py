@@ -1,0 +1,332 @@
+"""The authorization plugin: request classification, strict parsing, fail-closed answers, the socket server."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import socket
+import stat
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.client import HTTPConnection
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.adapters.engine import Gone
+from agent.core.policy import EffectivePolicy, Enforcement
+from agent.errors import EngineError, InputError, StateError
+from agent.runtime.authz import ALLOW, Answer, AuthzRequest, AuthzServer, Gate, answer_request, start_target
+
+START_CASES = [
+    # (method, uri, container the request would start, or None)
+    ("POST", "/v1.41/containers/abc/start", "abc"),
+    ("POST", "/containers/abc/start", "abc"),
+    ("POST", "/v1.24/containers/web-1/start?detachKeys=ctrl-x", "web-1"),
+    ("POST", "/v1.41/containers/abc/restart?t=0", "abc"),
+    ("post", "/v1.41/containers/abc/start", "abc"),  # method case does not matter: err towards a start
+    ("POST", "/v1.41/containers/abc/start/", "abc"),
+    ("POST", "/v1.41//containers/abc/start", "abc"),
+    ("POST", "/v1.41/containers/abc%2Fstart", "abc"),  # percent-decoded as dockerd's router does
+    ("POST", "/v1.41/containers/x/../abc/start", "abc"),
+    ("POST", "/v1.41/containers/a/b/start", "a/b"),  # docker routes {name:.*}
+    ("POST", "/v1.41/containers/abc/start#frag", "abc"),
+    ("GET", "/v1.41/containers/abc/start", None),
+    ("POST", "/v1.41/containers/abc/stop", None),
+    ("POST", "/v1.41/containers/abc/unpause", None),
+    ("POST", "/v1.41/containers/create?name=start", None),
+    ("POST", "/v1.41/containers/abc/started", None),
+    ("POST", "/v1.41/exec/abc/start", None),
+    ("GET", "/v1.41/containers/json", None),
+    ("POST", "/v1.41/plugins/start/enable", None),
+    ("HEAD", "/_ping", None),
+]
+
+
+@pytest.mark.parametrize(("method", "uri", "expected"), START_CASES)
+def test_start_target(method: str, uri: str, expected: str | None) -> None:
+    assert start_target(method, uri) == expected
+
+
+def req(method: str = "POST", uri: str = "/v1.41/containers/abc/start", **extra: Any) -> bytes:
+    doc: dict[str, Any] = {"User": "", "RequestMethod": method, "RequestUri": uri, "RequestHeaders": {}}
+    doc.update(extra)
+    return json.dumps(doc).encode()
+
+
+class Recorder:
+    def __init__(self, answer: Answer | Exception = ALLOW) -> None:
+        self.answer = answer
+        self.calls: list[str] = []
+
+    def __call__(self, ref: str) -> Answer:
+        self.calls.append(ref)
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+DENY = Answer(False, "not on the allowlist")
+B64 = base64.b64encode(b'{"x": 1}').decode()
+
+ANSWER_CASES = [
+    # (id, raw request, decider's answer, allowed?, decider called with)
+    ("start decided: deny", req(), DENY, False, ["abc"]),
+    ("start decided: allow", req(RequestBody=B64), ALLOW, True, ["abc"]),
+    ("other request: allowed at once", req("GET", "/v1.41/containers/json"), DENY, True, []),
+    ("not JSON", b"{nope", ALLOW, False, []),
+    ("not UTF-8", b"\xff\xfe", ALLOW, False, []),
+    ("JSON but not an object", b"[1, 2]", ALLOW, False, []),
+    ("no URI: cannot tell", json.dumps({"RequestMethod": "POST"}).encode(), ALLOW, False, []),
+    ("URI not a string", req(RequestUri=5), ALLOW, False, []),
+    ("start with a body that is not base64", req(RequestBody="%%%"), ALLOW, False, []),
+    ("start with a body of the wrong type", req(RequestBody=[1]), ALLOW, False, []),
+    ("start with headers not strings", req(RequestHeaders={"A": 1}), ALLOW, False, []),
+    ("start with headers not a map", req(RequestHeaders=["A"]), ALLOW, False, []),
+    ("start with User not a string", req(User=7), ALLOW, False, []),
+    (
+        "other request with a bad body",
+        req("POST", "/v1.41/containers/create", RequestBody="%%%"),
+        DENY,
+        True,
+        [],
+    ),
+    ("decider raises", req(), RuntimeError("boom"), False, ["abc"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("raw", "decided", "allowed", "calls"), [c[1:] for c in ANSWER_CASES], ids=[c[0] for c in ANSWER_CASES]
+)
+def test_answer_request(raw: bytes, decided: Answer | Exception, allowed: bool, calls: list[str]) -> None:
+    decider = Recorder(decided)
+    answer = answer_request(raw, decider)
+    assert answer.allow is allowed
+    assert decider.calls == calls
+    if not allowed:
+        assert answer.msg.startswith("ImageGuard") or answer.msg == DENY.msg
+        assert json.loads(answer.to_json()) == {"Allow": False, "Msg": answer.msg}
+
+
+def test_parse_decodes_body_strictly() -> None:
+    doc = json.loads(req(RequestBody=B64, RequestHeaders={"Content-Type": "application/json"}))
+    parsed = AuthzRequest.parse(doc)
+    assert parsed.body == b'{"x": 1}' and parsed.headers == {"Content-Type": "application/json"}
+    with pytest.raises(InputError, match="base64"):
+        AuthzRequest.parse({**doc, "RequestBody": B64[:-2] + "!="})
+    with pytest.raises(InputError, match="absolute path"):
+        AuthzRequest.parse({**doc, "RequestUri": "containers/x/start"})
+
+
+# -- the gate: live policy -> answer ----------------------------------------------------------------
+
+
+@dataclass
+class FakeFacts:
+    name: str = "web"
+    image: str = "acme/app:1"
+    short_id: str = "c0ffee"
+
+
+@dataclass
+class FakeDecision:
+    verdict: str
+    reason: Any
+    detail: str
+
+
+@dataclass
+class FakeHandled:
+    decision: FakeDecision
+    facts: FakeFacts
+
+
+class FakeEnforcer:
+    def __init__(self, enforcement: Enforcement, outcome: Any) -> None:
+        self.policy = EffectivePolicy.compose([], enforcement)
+        self.outcome = outcome
+        self.calls: list[str] = []
+
+    def authorize(self, ref: str) -> Any:
+        self.calls.append(ref)
+        if isinstance(self.outcome, Exception):
+            raise self.outcome
+        return self.outcome
+
+
+class _Reason:
+    value = "not-allowlisted"
+
+
+BLOCKED = FakeHandled(FakeDecision("blocked", _Reason(), "no allowlist entry"), FakeFacts())
+ALLOWED = FakeHandled(FakeDecision("allowed", _Reason(), "on the list"), FakeFacts())
+
+GATE_CASES = [
+    # (id, enforcement, enforcer outcome, allowed?, asked the enforcer?, text in the denial)
+    ("enforce: blocked", Enforcement(True, "enforce"), BLOCKED, False, True, "acme/app:1 is not allowed"),
+    ("enforce: allowed", Enforcement(True, "enforce"), ALLOWED, True, True, ""),
+    ("audit: allowed at once", Enforcement(True, "audit"), BLOCKED, True, False, ""),
+    ("disabled: allowed at once", Enforcement(False, "enforce"), BLOCKED, True, False, ""),
+    ("no such container", Enforcement(True, "enforce"), Gone("x"), False, True, "no such container"),
+    ("engine error", Enforcement(True, "enforce"), EngineError("down"), False, True, "cannot look up"),
+]
+
+
+@pytest.mark.parametrize(
+    ("enforcement", "outcome", "allowed", "asked", "text"),
+    [c[1:] for c in GATE_CASES],
+    ids=[c[0] for c in GATE_CASES],
+)
+def test_gate(enforcement: Enforcement, outcome: Any, allowed: bool, asked: bool, text: str) -> None:
+    enforcer = FakeEnforcer(enforcement, outcome)
+    answer = Gate(enforcer)("web")  # type: ignore[arg-type]
+    assert answer.allow is allowed
+    assert enforcer.calls == (["web"] if asked else [])
+    assert text in answer.msg
+
+
+# -- the server on a real Unix socket ---------------------------------------------------------------
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="ig-authz-", dir="/tmp"))  # short: socket paths are limited to 108 bytes
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+class UnixConnection(HTTPConnection):
+    def __init__(self, path: Path) -> None:
+        super().__init__("localhost", timeout=10)
+        self.path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
+        self.sock.connect(str(self.path))
+
+
+def post(
+    conn: HTTPConnection, path: str, body: bytes, headers: dict[str, str] | None = None
+) -> tuple[int, Any]:
+    conn.request("POST", path, body=body, headers=headers or {})
+    resp = conn.getresponse()
+    data = resp.read()
+    return resp.status, json.loads(data) if data else None
+
+
+@pytest.fixture
+def server(sockdir: Path) -> Iterator[tuple[AuthzServer, Recorder]]:
+    decider = Recorder(DENY)
+    srv = AuthzServer(sockdir / "p.sock", decider)
+    srv.start()
+    yield srv, decider
+    srv.close()
+
+
+def test_protocol_round_trip(server: tuple[AuthzServer, Recorder]) -> None:
+    srv, decider = server
+    assert stat.S_IMODE(srv.path.stat().st_mode) == 0o600
+    conn = UnixConnection(srv.path)
+    try:  # one kept-alive connection, as dockerd uses
+        assert post(conn, "/Plugin.Activate", b"") == (200, {"Implements": ["authz"]})
+        assert post(conn, "/AuthZPlugin.AuthZReq", req()) == (200, {"Allow": False, "Msg": DENY.msg})
+        assert post(conn, "/AuthZPlugin.AuthZReq", req("GET", "/v1.41/info")) == (200, {"Allow": True})
+        assert post(conn, "/AuthZPlugin.AuthZRes", req(ResponseStatusCode=204)) == (200, {"Allow": True})
+        status, doc = post(conn, "/Unknown.Method", b"{}")
+        assert status == 404 and "unknown" in doc["Err"]
+    finally:
+        conn.close()
+    assert decider.calls == ["abc"]
+
+
+def test_oversized_or_unsized_messages_are_refused(server: tuple[AuthzServer, Recorder]) -> None:
+    srv, decider = server
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(str(srv.path))
+        s.sendall(b"POST /AuthZPlugin.AuthZReq HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999\r\n\r\n")
+        assert s.recv(100).startswith(b"HTTP/1.1 413")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(str(srv.path))
+        s.sendall(b"POST /AuthZPlugin.AuthZReq HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(100).startswith(b"HTTP/1.1 411")
+    assert decider.calls == []
+
+
+def test_decisions_may_call_back_into_the_server(sockdir: Path) -> None:
+    """A start is decided by looking the container up through dockerd, which asks the plugin again."""
+    path = sockdir / "p.sock"
+
+    def decider(ref: str) -> Answer:
+        nested = UnixConnection(path)
+        try:
+            status, doc = post(nested, "/AuthZPlugin.AuthZReq", req("GET", f"/v1.41/containers/{ref}/json"))
+        finally:
+            nested.close()
+        return Answer(status == 200 and doc["Allow"])
+
+    srv = AuthzServer(path, decider)
+    srv.start()
+    try:
+        results: list[Any] = []
+
+        def one() -> None:
+            conn = UnixConnection(path)
+            try:
+                results.append(post(conn, "/AuthZPlugin.AuthZReq", req()))
+            finally:
+                conn.close()
+
+        threads = [threading.Thread(target=one) for _ in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=20)
+        assert results == [(200, {"Allow": True})] * 16
+    finally:
+        srv.close()
+
+
+def test_socket_claiming(sockdir: Path) -> None:
+    path = sockdir / "sub" / "p.sock"
+    first = AuthzServer(path, Recorder())
+    first.start()
+    try:
+        with pytest.raises(StateError, match="already serves"):
+            AuthzServer(path, Recorder()).start()
+    finally:
+        first.close()
+    assert not path.exists()  # closing removes the socket
+    # a stale socket (its server died without cleaning up) is replaced
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))
+    stale.close()
+    second = AuthzServer(path, Recorder())
+    second.start()
+    second.close()
+    path.write_text("not a socket")
+    with pytest.raises(StateError, match="not a socket"):
+        AuthzServer(path, Recorder()).start()
+    assert path.read_text() == "not a socket"
+    os.unlink(path)
+
+
+def test_thread_end_hook_runs_when_a_connection_closes(sockdir: Path) -> None:
+    ended = threading.Event()
+    srv = AuthzServer(sockdir / "p.sock", Recorder(), on_thread_end=ended.set)
+    srv.start()
+    try:
+        conn = UnixConnection(srv.path)
+        assert post(conn, "/Plugin.Activate", b"")[0] == 200
+        assert not ended.is_set()  # kept alive: the thread still serves this connection
+        conn.close()
+        assert ended.wait(5)
+    finally:
+        srv.close()
