@@ -16,7 +16,7 @@ from agent.errors import SchemaError
 
 def _schema_dirs() -> list[Path]:
     return [
-        Path(__file__).resolve().parent.parent / "schemas",  # source checkout / editable install
+        Path(__file__).resolve().parents[2] / "schemas",  # source checkout / editable install
         Path(sys.prefix) / "share" / "imageguard" / "schemas",  # wheel install (data-files)
     ]
 
