@@ -14,9 +14,8 @@ import docker.constants
 import docker.errors
 import requests
 
-from agent.core.digest import Digest
 from agent.core.facts import ContainerEvent, ContainerFacts, facts_from_inspect
-from agent.errors import EngineError, ImageGuardError
+from agent.errors import EngineError
 
 log = logging.getLogger(__name__)
 
@@ -153,16 +152,6 @@ class Engine:
         """Every container, running or not (the ``docker ps -a`` set)."""
         items = self._call("list containers", self._client().containers, all=True, trunc=False)
         return [str(c["Id"]) for c in items]
-
-    def image_digests(self, image_id: str) -> tuple[Digest, ...]:
-        image = self._image(image_id)
-        out = []
-        for entry in (image or {}).get("RepoDigests") or ():
-            try:
-                out.append(Digest.parse(entry.partition("@")[2]))
-            except ImageGuardError:
-                continue
-        return tuple(out)
 
     # -- actions ---------------------------------------------------------------------------------
 

@@ -156,11 +156,6 @@ class Store:
         with self._lock:
             return list(self._db.execute(sql, args))
 
-    def data_version(self) -> int:
-        """Changes whenever another connection commits (cheap change detection for the agent)."""
-        with self._lock:
-            return int(self._db.execute("PRAGMA data_version").fetchone()[0])
-
     def close(self) -> None:
         with self._lock:
             self._db.close()

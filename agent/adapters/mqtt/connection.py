@@ -329,10 +329,6 @@ class MqttConnection:
     def publish_message(self, topic: str, message: KuraMessage, qos: int = 1) -> PublishHandle:
         return self.publish(topic, self._encode(message), qos)
 
-    def publish_apps(self) -> PublishHandle:
-        """Announce a change of the birth facts (apps, groups, policy version) on MQTT/APPS."""
-        return self._publish(self.topics.lifecycle("APPS"), self._encode(self._birth()), 1, False, False)
-
     def _encode(self, message: KuraMessage) -> bytes:
         return self.codec.encode(message)
 

@@ -376,17 +376,6 @@ def test_counters(store: Store) -> None:
     assert store.counters() == {"x": 5, "y": 1}
 
 
-def test_data_version_sees_other_connections(store: Store, state_dir: Path) -> None:
-    before = store.data_version()
-    other = Store(state_dir)
-    try:
-        other.bump("z")
-    finally:
-        other.close()
-    assert store.data_version() != before
-    assert store.counters() == {"z": 1}
-
-
 # -- crash safety ------------------------------------------------------------------------------------
 
 CHILD = textwrap.dedent(
