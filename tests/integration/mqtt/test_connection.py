@@ -30,7 +30,7 @@ from tests.support.fixtures.mosquitto import MosquittoBroker, MqttProbe
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[3]
-PROTO = REPO / "agent" / "mqtt" / "kurapayload.proto"
+PROTO = REPO / "agent" / "adapters" / "mqtt" / "kurapayload.proto"
 TOPICS = Topics(account="acme", device_id="dev-1")
 AGENT = AgentInfo(display_name="Device One", groups=("line-a",), policy_version="3")
 
