@@ -19,7 +19,7 @@ from tests.support.dockerd import Dockerd
 from tests.support.fixtures.mosquitto import MosquittoBroker, TlsFiles
 from tests.support.ports import free_port
 
-PROTO = REPO / "agent" / "mqtt" / "kurapayload.proto"
+PROTO = REPO / "agent" / "adapters" / "mqtt" / "kurapayload.proto"
 ACCOUNT, DEVICE, APP = "acme", "dev-1", "CONTAINER-AUTH-V1"
 
 
