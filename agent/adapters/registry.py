@@ -30,7 +30,7 @@ import requests
 from agent.config import Config, RegistryConfig
 from agent.core.digest import Digest
 from agent.core.imageref import DEFAULT_REGISTRY, ImageRef
-from agent.errors import ConfigError, DigestError, RegistryError, RegistryUnreachable
+from agent.errors import Code, ConfigError, DigestError, RegistryError, RegistryUnreachable
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -265,7 +265,7 @@ class RegistryClient:
         if found is None:
             raise RegistryError(
                 f"{repo}: manifest {reference} not found; check the image name and tag",
-                code="registry-not-found",
+                code=Code.REGISTRY_NOT_FOUND,
             )
         return found
 
@@ -347,7 +347,7 @@ class RegistryClient:
         if desc.size > cap:
             raise RegistryError(
                 f"{repo}: blob {desc.digest} is {desc.size} bytes, over the {cap}-byte limit",
-                code="registry-response-too-large",
+                code=Code.REGISTRY_RESPONSE_TOO_LARGE,
             )
         data = self.get_blob(repo, desc.digest, max_bytes=cap)
         if len(data) != desc.size:
@@ -488,7 +488,7 @@ class RegistryClient:
             if resp.status == 401:
                 raise RegistryError(
                     f"{what}: the registry refused our credentials; check registries[].username/password",
-                    code="registry-auth-failed",
+                    code=Code.REGISTRY_AUTH_FAILED,
                 )
         if resp.status == 404 and missing_ok:
             return None
@@ -504,7 +504,7 @@ class RegistryClient:
                 if required:
                     raise RegistryError(
                         f"registry {host} requires a login: set registries[].username and password_file",
-                        code="registry-auth-failed",
+                        code=Code.REGISTRY_AUTH_FAILED,
                     )
                 return None
             return _basic(*creds)
@@ -543,7 +543,7 @@ class RegistryClient:
         if resp.status in (401, 403):
             raise RegistryError(
                 f"{what}: the token service refused our credentials (HTTP {resp.status}); check them",
-                code="registry-auth-failed",
+                code=Code.REGISTRY_AUTH_FAILED,
             )
         if resp.status != 200:
             raise _status_error(what, resp)
@@ -597,7 +597,7 @@ class RegistryClient:
                     f"{what}: TLS handshake with {urllib.parse.urlsplit(url).netloc} failed "
                     f"({_reason(exc)}); "
                     "if the registry uses a private CA, set registries[].ca_bundle",
-                    code="registry-tls-error",
+                    code=Code.REGISTRY_TLS_ERROR,
                 ) from None
             except requests.exceptions.Timeout:
                 raise RegistryUnreachable(
@@ -636,7 +636,7 @@ def _read_capped(raw: requests.Response, cap: int, deadline: _Deadline, what: st
     if declared.isdigit() and int(declared) > cap:
         raise RegistryError(
             f"{what}: the response is {declared} bytes, over the {cap}-byte limit",
-            code="registry-response-too-large",
+            code=Code.REGISTRY_RESPONSE_TOO_LARGE,
         )
     buf = bytearray()
     try:
@@ -649,7 +649,8 @@ def _read_capped(raw: requests.Response, cap: int, deadline: _Deadline, what: st
             buf += chunk
             if len(buf) > cap:
                 raise RegistryError(
-                    f"{what}: the response exceeds the {cap}-byte limit", code="registry-response-too-large"
+                    f"{what}: the response exceeds the {cap}-byte limit",
+                    code=Code.REGISTRY_RESPONSE_TOO_LARGE,
                 )
     except requests.exceptions.RequestException as exc:
         raise RegistryUnreachable(f"{what}: the connection failed while reading ({_reason(exc)})") from None
@@ -669,7 +670,7 @@ def _parse_challenge(header: str, what: str) -> tuple[str, dict[str, str]]:
     if kind not in ("basic", "bearer"):
         raise RegistryError(
             f"{what}: the registry asks for authentication we do not support ({scheme or 'no challenge'!r})",
-            code="registry-auth-failed",
+            code=Code.REGISTRY_AUTH_FAILED,
         )
     params = {
         m.group(1).lower(): m.group(2) if m.group(2) is not None else m.group(3)
@@ -686,7 +687,7 @@ def _mismatch(what: str, expected: Digest | str, got: Digest) -> RegistryError:
     return RegistryError(
         f"{what}: content does not match its digest (expected {expected}, got {got}); "
         "the registry or something in between is serving wrong data",
-        code="registry-digest-mismatch",
+        code=Code.REGISTRY_DIGEST_MISMATCH,
     )
 
 
@@ -709,7 +710,7 @@ def _status_error(what: str, resp: _Response) -> RegistryError:
         + (f" ({hint})" if hint else "")
         + (f": {detail[:300]}" if detail else "")
     )
-    code = "registry-not-found" if resp.status == 404 else "registry-error"
+    code = Code.REGISTRY_NOT_FOUND if resp.status == 404 else Code.REGISTRY_ERROR
     return RegistryError(text, code=code)
 
 

@@ -14,7 +14,7 @@ from agent.config import Config
 from agent.core.envelope import ENVELOPE_SCHEMA, is_envelope, target_for_layer
 from agent.core.policy import DEVICE_LAYER, PolicyLayer
 from agent.core.schemas import validate
-from agent.errors import InputError, PolicyError, PolicySignatureError
+from agent.errors import Code, InputError, PolicyError, PolicySignatureError
 
 if TYPE_CHECKING:
     from agent.verify.policy_signature import PolicyVerifier
@@ -51,7 +51,7 @@ class PolicyGate:
             raise PolicySignatureError(
                 f"{what}: a signed whole layer document is required (this device accepts policy changes only "
                 "as a signed document: PUT policy with a signed envelope)",
-                code="signed-document-required",
+                code=Code.SIGNED_DOCUMENT_REQUIRED,
             )
 
     def open(self, body: Any, layer: str = DEVICE_LAYER) -> dict[str, Any]:
@@ -80,11 +80,11 @@ class PolicyGate:
             if self.verifier is not None:
                 raise PolicySignatureError(
                     f"{what}: the signed document names no target; it must name {expected}",
-                    code="policy-wrong-target",
+                    code=Code.POLICY_WRONG_TARGET,
                 )
             return
         if target != expected:
             message = f"{what}: at /target: the document is for {target}, not for {expected}"
             if self.verifier is None:  # a misdirected document, not a signature matter: 400
-                raise PolicyError(message, code="wrong-target")
-            raise PolicySignatureError(message, code="policy-wrong-target")  # a replay: 403
+                raise PolicyError(message, code=Code.WRONG_TARGET)
+            raise PolicySignatureError(message, code=Code.POLICY_WRONG_TARGET)  # a replay: 403

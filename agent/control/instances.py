@@ -12,7 +12,7 @@ from agent.config import Config
 from agent.control.service import ApplyResult, Service
 from agent.core.instances import InstanceSpec, InstanceState
 from agent.core.policy import DEVICE_LAYER
-from agent.errors import ControlError, ImageGuardError, NotFound, PolicyError
+from agent.errors import Code, ControlError, ImageGuardError, NotFound, PolicyError
 from agent.runtime.instances import InstanceManager
 
 # ---- editing the declared instances (CLI and control plane) ---------------------------------------------
@@ -96,7 +96,7 @@ def control_routes(
         for view in instance_views(service):
             if view["name"] == name:
                 return view
-        raise ControlError(404, f"instance {name!r} is not declared", code="not-found")
+        raise ControlError(404, f"instance {name!r} is not declared", code=Code.NOT_FOUND)
 
     def get_all(req: Request) -> Response:
         return Response.of_json({"instances": instance_views(service)})
@@ -126,7 +126,7 @@ def control_routes(
         find(name)
         m = manager()
         if m is None:
-            raise ControlError(503, "the instance manager is not running", code="not-running")
+            raise ControlError(503, "the instance manager is not running", code=Code.NOT_RUNNING)
         result = m.request_update(name).wait(update_timeout)
         if result is None:
             return Response.of_json({"name": name, "result": "in-progress"}, status=200)

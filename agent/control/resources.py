@@ -33,7 +33,7 @@ from agent.core.envelope import claimed_version
 from agent.core.imageref import ImageRef
 from agent.core.policy import DEVICE_LAYER, AllowlistEntry, PolicyLayer, group_layer
 from agent.core.schemas import validate
-from agent.errors import ControlError, EngineError, ImageGuardError, InputError, SchemaError
+from agent.errors import Code, ControlError, EngineError, ImageGuardError, InputError, SchemaError
 from agent.runtime.enforcer import Enforcer
 from agent.runtime.instances import InstanceManager
 
@@ -322,7 +322,9 @@ def exec_verify(ctx: ControlContext, req: Request) -> Response:
         raise SchemaError("EXEC verify request", "/image", exc.message) from None
     anchors = ctx.service.effective().anchors_for(ref)
     if not anchors:
-        raise ControlError(400, f"no trust anchor of the device policy covers {ref.name}", code="no-anchor")
+        raise ControlError(
+            400, f"no trust anchor of the device policy covers {ref.name}", code=Code.NO_ANCHOR
+        )
     from agent.adapters.registry import RegistryClient  # the crypto and HTTP stack load only when needed
     from agent.runtime.verification import verify_reference
 

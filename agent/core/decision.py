@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Literal
 
 from agent.core.anchors import TrustAnchor
@@ -16,24 +15,9 @@ from agent.core.digest import Digest
 from agent.core.facts import ContainerFacts
 from agent.core.imageref import ImageRef
 from agent.core.policy import EffectivePolicy
+from agent.errors import Code
 
 Verdict = Literal["allowed", "blocked", "would-block"]
-
-
-class Reason(StrEnum):
-    """Stable reason codes: telemetry carries them and the console counts them."""
-
-    ENFORCEMENT_DISABLED = "enforcement-disabled"
-    ALLOWLISTED = "allowlisted"
-    INSTANCE_DIGEST = "instance-digest"
-    SIGNATURE_VERIFIED = "signature-verified"
-    VERIFIED_BEFORE = "verified-before"
-    NOT_ALLOWLISTED = "not-allowlisted"
-    NO_DIGEST = "no-digest"
-    SIGNATURE_INVALID = "signature-invalid"
-    REGISTRY_UNREACHABLE = "registry-unreachable"
-    VERIFICATION_TIMEOUT = "verification-timeout"
-    VERIFICATION_ERROR = "verification-error"
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +36,7 @@ class VerifiedDigest:
 class FailedVerification:
     """A recent negative result (kept briefly, in memory, so a burst of starts costs one verification)."""
 
-    reason: Reason
+    reason: Code
     detail: str
     anchors: frozenset[str]
 
@@ -79,7 +63,7 @@ class Decision:
     """What to do with a container. ``verify`` non-empty means: not decided until those are checked."""
 
     verdict: Verdict | None
-    reason: Reason
+    reason: Code
     detail: str
     digests: tuple[Digest, ...]
     matched: Digest | None = None
@@ -114,25 +98,25 @@ def decide(facts: ContainerFacts, policy: EffectivePolicy, evidence: Evidence = 
     """Decide from what is known now; may ask for verification (``Decision.verify``)."""
     digests = facts.digests
     if not policy.enforcement.enabled:
-        return Decision("allowed", Reason.ENFORCEMENT_DISABLED, "enforcement is switched off", digests)
+        return Decision("allowed", Code.ENFORCEMENT_DISABLED, "enforcement is switched off", digests)
     if not digests:
         return Decision(
-            _negative(policy), Reason.NO_DIGEST, "the engine reports no digest for the image", digests
+            _negative(policy), Code.NO_DIGEST, "the engine reports no digest for the image", digests
         )
     for d in digests:
         if d in policy.allowlist:
-            return Decision("allowed", Reason.ALLOWLISTED, f"{d} is on the allowlist", digests, matched=d)
+            return Decision("allowed", Code.ALLOWLISTED, f"{d} is on the allowlist", digests, matched=d)
     for d in digests:
         if d in policy.instance_digests:
             return Decision(
-                "allowed", Reason.INSTANCE_DIGEST, f"{d} is pinned by an enabled instance", digests, d
+                "allowed", Code.INSTANCE_DIGEST, f"{d} is pinned by an enabled instance", digests, d
             )
     for d in digests:
         for record in evidence.verified.get(d, ()):
             if _still_trusted(record, policy):
                 return Decision(
                     "allowed",
-                    Reason.VERIFIED_BEFORE,
+                    Code.VERIFIED_BEFORE,
                     f"{d} was verified with trust anchor {record.anchor!r}",
                     digests,
                     matched=d,
@@ -144,7 +128,7 @@ def decide(facts: ContainerFacts, policy: EffectivePolicy, evidence: Evidence = 
             detail = "no allowlist entry and no trust anchor covers the image"
         else:
             detail = "no allowlist entry; the image has no registry digest, so no signature can be looked up"
-        return Decision(_negative(policy), Reason.NOT_ALLOWLISTED, detail, digests)
+        return Decision(_negative(policy), Code.NOT_ALLOWLISTED, detail, digests)
     # a recent failure under the same anchors stands in for a new verification
     for t in targets:
         failure = evidence.failures.get(t.ref.digest) if t.ref.digest else None
@@ -153,7 +137,7 @@ def decide(facts: ContainerFacts, policy: EffectivePolicy, evidence: Evidence = 
     else:
         first = evidence.failures[targets[0].ref.digest]  # type: ignore[index]
         return Decision(_negative(policy), first.reason, first.detail + " (cached result)", digests)
-    return Decision(None, Reason.NOT_ALLOWLISTED, "verification needed", digests, verify=targets)
+    return Decision(None, Code.NOT_ALLOWLISTED, "verification needed", digests, verify=targets)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +145,7 @@ class VerificationOutcome:
     """What the verifier found for a pending decision: a success, or the reason nothing verified."""
 
     verified: VerifiedDigest | None
-    reason: Reason = Reason.SIGNATURE_INVALID
+    reason: Code = Code.SIGNATURE_INVALID
     detail: str = ""
 
 
@@ -171,7 +155,7 @@ def conclude(pending: Decision, outcome: VerificationOutcome, policy: EffectiveP
         v = outcome.verified
         return Decision(
             "allowed",
-            Reason.SIGNATURE_VERIFIED,
+            Code.SIGNATURE_VERIFIED,
             f"{v.digest} signature verified with trust anchor {v.anchor!r}",
             pending.digests,
             matched=v.digest,

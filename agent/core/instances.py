@@ -23,7 +23,7 @@ from agent.core.anchors import TrustAnchor
 from agent.core.digest import Digest
 from agent.core.imageref import ImageRef
 from agent.core.schemas import load_schema, validate
-from agent.errors import DigestError, ImageRefError, SchemaError
+from agent.errors import Code, DigestError, ImageRefError, SchemaError
 
 #: labels every managed container carries (the enforcement loop and ``docker ps`` can tell them apart)
 LABEL_MANAGED = "dev.imageguard.managed"
@@ -38,29 +38,13 @@ _REQUIRED = re.compile(r"'([^']+)' is a required property")
 Status = Literal["pending", "pulling", "verifying", "running", "failed", "disabled"]
 
 
-class FailReason(StrEnum):
-    """Stable reason codes of a failed instance (or of a rejected update)."""
-
-    IMAGE_UNAVAILABLE_OFFLINE = "image-unavailable-offline"
-    SIGNATURE_INVALID = "signature-invalid"
-    DIGEST_MISMATCH = "digest-mismatch"
-    ANCHOR_MISSING = "anchor-missing"
-    ANCHOR_SCOPE = "anchor-scope"
-    ANCHOR_INVALID = "anchor-invalid"
-    CREDENTIALS_MISSING = "credentials-missing"
-    REGISTRY_ERROR = "registry-error"
-    PULL_FAILED = "pull-failed"
-    ENGINE_ERROR = "engine-error"
-    UPDATE_REJECTED = "update-rejected"
-
-
 #: failures that can heal by themselves (network, engine): retried with backoff
 RETRYABLE = frozenset(
     {
-        FailReason.IMAGE_UNAVAILABLE_OFFLINE,
-        FailReason.REGISTRY_ERROR,
-        FailReason.PULL_FAILED,
-        FailReason.ENGINE_ERROR,
+        Code.IMAGE_UNAVAILABLE_OFFLINE,
+        Code.REGISTRY_ERROR,
+        Code.PULL_FAILED,
+        Code.ENGINE_ERROR,
     }
 )
 
@@ -68,7 +52,7 @@ RETRYABLE = frozenset(
 class InstanceFailure(Exception):
     """One step of the lifecycle failed; ``reason`` is the stable code the state and telemetry carry."""
 
-    def __init__(self, reason: FailReason, detail: str) -> None:
+    def __init__(self, reason: Code, detail: str) -> None:
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
@@ -201,11 +185,11 @@ class InstanceSpec:
         anchor = lookup(self.anchor_name)
         if anchor is None:
             raise InstanceFailure(
-                FailReason.ANCHOR_MISSING, f"trust anchor {self.anchor_name!r} is not in the effective policy"
+                Code.ANCHOR_MISSING, f"trust anchor {self.anchor_name!r} is not in the effective policy"
             )
         if not anchor.covers(self.image):
             raise InstanceFailure(
-                FailReason.ANCHOR_SCOPE,
+                Code.ANCHOR_SCOPE,
                 f"trust anchor {anchor.name!r} does not cover {self.repository} (its scope: "
                 f"{', '.join(anchor.scope)})",
             )

@@ -24,7 +24,6 @@ from agent.core.decision import (
     Decision,
     Evidence,
     FailedVerification,
-    Reason,
     VerificationOutcome,
     VerifiedDigest,
     VerifyTarget,
@@ -35,7 +34,7 @@ from agent.core.digest import Digest
 from agent.core.facts import ContainerFacts
 from agent.core.policy import EffectivePolicy
 from agent.core.records import decision_record, decision_telemetry
-from agent.errors import EngineError, ImageGuardError
+from agent.errors import Code, EngineError, ImageGuardError
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +194,7 @@ class Enforcer:
             if dry_run:
                 decision = Decision(
                     None,
-                    Reason.NOT_ALLOWLISTED,
+                    Code.NOT_ALLOWLISTED,
                     "would be verified against its trust anchors",
                     decision.digests,
                     verify=decision.verify,
@@ -276,7 +275,7 @@ class Enforcer:
         except TimeoutError:
             return VerificationOutcome(
                 None,
-                Reason.VERIFICATION_TIMEOUT,
+                Code.VERIFICATION_TIMEOUT,
                 f"signature verification did not finish within {timeout:g}s",
             )
 
@@ -365,14 +364,14 @@ class Enforcer:
     def _run_verifier(self, targets: tuple[VerifyTarget, ...]) -> VerificationOutcome:
         if self.verifier is None:
             outcome = VerificationOutcome(
-                None, Reason.VERIFICATION_ERROR, "signature verification is not available"
+                None, Code.VERIFICATION_ERROR, "signature verification is not available"
             )
         else:
             try:
                 outcome = self.verifier.verify(targets, self.settings.verify_timeout_seconds)
             except Exception as exc:  # a verifier bug must fail closed, never crash enforcement
                 log.exception("verifier failed")
-                outcome = VerificationOutcome(None, Reason.VERIFICATION_ERROR, f"verifier failed: {exc}")
+                outcome = VerificationOutcome(None, Code.VERIFICATION_ERROR, f"verifier failed: {exc}")
         if outcome.verified is not None:
             self._remember(outcome.verified)
         else:

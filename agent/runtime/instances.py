@@ -30,7 +30,6 @@ from agent.core.instances import (
     LABEL_INSTANCE,
     LABEL_MANAGED,
     RETRYABLE,
-    FailReason,
     InstanceFailure,
     InstanceSpec,
     InstanceState,
@@ -46,6 +45,7 @@ from agent.core.instances import (
 from agent.core.policy import DEVICE_LAYER, EffectivePolicy, PolicyLayer
 from agent.core.records import PRIORITY_ALERT, PRIORITY_INSTANCE, OutboxMessage, new_id, utc_now
 from agent.errors import (
+    Code,
     EngineError,
     ImageGuardError,
     RegistryError,
@@ -251,9 +251,7 @@ class InstanceManager:
                 state = self._do(step, name, spec, state, observed, key, policy, ticket if update else None)
             except (InstanceFailure, EngineError, Gone) as exc:
                 failed = (
-                    exc
-                    if isinstance(exc, InstanceFailure)
-                    else InstanceFailure(FailReason.ENGINE_ERROR, str(exc))
+                    exc if isinstance(exc, InstanceFailure) else InstanceFailure(Code.ENGINE_ERROR, str(exc))
                 )
                 if state is None or state.pin_key != key:
                     # nothing pinned answers the spec: no container of an older declaration stays
@@ -347,7 +345,7 @@ class InstanceManager:
                 self.engine.stop_and_remove(c.id, grace)
             except EngineError as exc:
                 raise InstanceFailure(
-                    FailReason.ENGINE_ERROR, f"cannot remove container {c.id[:12]}: {exc}"
+                    Code.ENGINE_ERROR, f"cannot remove container {c.id[:12]}: {exc}"
                 ) from None
 
     def _remove_quietly(self, name: str, spec: InstanceSpec | None) -> None:
@@ -362,7 +360,7 @@ class InstanceManager:
         cfg = self.config.registry(host)
         if spec.registry_credentials is not None and cfg is None:
             raise InstanceFailure(
-                FailReason.CREDENTIALS_MISSING,
+                Code.CREDENTIALS_MISSING,
                 f"no [[registries]] entry for {host!r} in {self.config.source}",
             )
         if cfg is None or cfg.username is None:
@@ -370,7 +368,7 @@ class InstanceManager:
         try:
             auth = {"username": cfg.username, "password": cfg.password() or ""}
         except ImageGuardError as exc:
-            raise InstanceFailure(FailReason.CREDENTIALS_MISSING, str(exc)) from None
+            raise InstanceFailure(Code.CREDENTIALS_MISSING, str(exc)) from None
         extra = []
         if host != spec.image.registry:
             base = self.config.registry(spec.image.registry)
@@ -391,10 +389,10 @@ class InstanceManager:
         except EngineError as exc:
             if self._registry_unreachable(spec, digest):
                 raise InstanceFailure(
-                    FailReason.IMAGE_UNAVAILABLE_OFFLINE,
+                    Code.IMAGE_UNAVAILABLE_OFFLINE,
                     f"{spec.repository}@{digest} is not on this device and the registry is unreachable",
                 ) from None
-            raise InstanceFailure(FailReason.PULL_FAILED, str(exc)) from None
+            raise InstanceFailure(Code.PULL_FAILED, str(exc)) from None
 
     def _registry_unreachable(self, spec: InstanceSpec, digest: Digest) -> bool:
         from agent.adapters.registry import RegistryClient, Repository
@@ -438,11 +436,11 @@ class InstanceManager:
                 self._vouch(spec, digest, anchor, client, state, have_pin)
         except RegistryUnreachable as exc:
             failure = InstanceFailure(
-                FailReason.IMAGE_UNAVAILABLE_OFFLINE, f"registry {spec.image.registry} unreachable: {exc}"
+                Code.IMAGE_UNAVAILABLE_OFFLINE, f"registry {spec.image.registry} unreachable: {exc}"
             )
             return self._update_failed(spec, state, failure, ticket, now) if have_pin else _raise(failure)
         except RegistryError as exc:
-            failure = InstanceFailure(FailReason.REGISTRY_ERROR, f"registry {spec.image.registry}: {exc}")
+            failure = InstanceFailure(Code.REGISTRY_ERROR, f"registry {spec.image.registry}: {exc}")
             return self._update_failed(spec, state, failure, ticket, now) if have_pin else _raise(failure)
         except InstanceFailure as failure:
             if not have_pin:
@@ -498,7 +496,7 @@ class InstanceManager:
         if spec.enforcement_digest is not None:
             if digest != spec.enforcement_digest:
                 raise InstanceFailure(
-                    FailReason.DIGEST_MISMATCH,
+                    Code.DIGEST_MISMATCH,
                     f"{spec.image} resolves to {digest}, not to the enforcement digest {spec.enforcement_digest}",
                 )
             log.info(
@@ -512,7 +510,7 @@ class InstanceManager:
         if result.verified is None:
             if result.unreachable:
                 raise RegistryUnreachable("; ".join(result.reasons))
-            raise InstanceFailure(FailReason.SIGNATURE_INVALID, "; ".join(result.reasons))
+            raise InstanceFailure(Code.SIGNATURE_INVALID, "; ".join(result.reasons))
         log.info("instance %s: %s verified with trust anchor %r", spec.name, digest, anchor.name)
 
     # -- state, telemetry, alerts ---------------------------------------------------------------------------
@@ -604,7 +602,7 @@ class InstanceManager:
     ) -> InstanceState:
         """An update did not go through: the pinned digest and its container stay; say why."""
         assert state is not None
-        rejected = failure.reason in (FailReason.SIGNATURE_INVALID, FailReason.DIGEST_MISMATCH)
+        rejected = failure.reason in (Code.SIGNATURE_INVALID, Code.DIGEST_MISMATCH)
         result = "rejected" if rejected else "failed"
         log.warning(
             "instance %s: update %s (%s), keeping %s: %s",
@@ -623,7 +621,7 @@ class InstanceManager:
             spec.name,
             spec,
             state,
-            reason=FailReason.UPDATE_REJECTED.value if rejected else state.reason,
+            reason=Code.UPDATE_REJECTED.value if rejected else state.reason,
             detail=failure.detail if rejected else state.detail,
             last_update=_outcome(ticket, outcome),
             last_check=now,

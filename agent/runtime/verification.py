@@ -20,11 +20,11 @@ from agent.adapters.registry import RegistryClient
 from agent.adapters.signatures import fetch_signatures
 from agent.config import Config
 from agent.core.anchors import TrustAnchor
-from agent.core.decision import Reason, VerificationOutcome, VerifiedDigest, VerifyTarget
+from agent.core.decision import VerificationOutcome, VerifiedDigest, VerifyTarget
 from agent.core.digest import Digest
 from agent.core.imageref import ImageRef
 from agent.core.records import utc_now
-from agent.errors import ImageGuardError, RegistryError, RegistryUnreachable, VerificationError
+from agent.errors import Code, ImageGuardError, RegistryError, RegistryUnreachable, VerificationError
 from agent.verify.cosign.artifacts import SignatureSet
 from agent.verify.schemes import VerificationReport, VerifiedSignature, validator_for
 
@@ -45,11 +45,11 @@ class ImageResult:
     requests: int = 0
 
     @property
-    def reason(self) -> Reason:
+    def reason(self) -> Code:
         """The verdict as the enforcer's reason code (what decision records carry)."""
         if self.verified is not None:
-            return Reason.SIGNATURE_VERIFIED
-        return Reason.REGISTRY_UNREACHABLE if self.unreachable else Reason.SIGNATURE_INVALID
+            return Code.SIGNATURE_VERIFIED
+        return Code.REGISTRY_UNREACHABLE if self.unreachable else Code.SIGNATURE_INVALID
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -158,7 +158,7 @@ class ImageVerifier:
         except FutureTimeout:
             names = ", ".join(str(t.ref) for t in targets)
             return VerificationOutcome(
-                None, Reason.VERIFICATION_TIMEOUT, f"verification of {names} took longer than {timeout:g}s"
+                None, Code.VERIFICATION_TIMEOUT, f"verification of {names} took longer than {timeout:g}s"
             )
 
     def _verify_all(self, targets: tuple[VerifyTarget, ...], timeout: float) -> VerificationOutcome:
@@ -196,8 +196,8 @@ class ImageVerifier:
                 all_unreachable = all_unreachable and result.unreachable
                 reasons.extend(f"{target.ref}: {r}" for r in result.reasons)
         if all_unreachable:
-            return VerificationOutcome(None, Reason.REGISTRY_UNREACHABLE, "; ".join(reasons))
-        return VerificationOutcome(None, Reason.SIGNATURE_INVALID, "; ".join(reasons))
+            return VerificationOutcome(None, Code.REGISTRY_UNREACHABLE, "; ".join(reasons))
+        return VerificationOutcome(None, Code.SIGNATURE_INVALID, "; ".join(reasons))
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -25,11 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import rfc8785
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from agent.core.envelope import ENVELOPE_SCHEMA, is_envelope
 from agent.core.schemas import validate
 from agent.errors import (
+    Code,
     ConfigError,
     InputError,
     KeyMaterialError,
@@ -43,15 +46,31 @@ from agent.verify.cosign.keys import (
     key_fingerprint,
     load_public_key,
     sign,
-    verify_signature,
 )
 
-#: envelope ``algorithm`` -> (curve name or "ed25519", what keys.verify_signature reports when it verifies)
-ALGORITHMS: dict[str, tuple[str, str]] = {
-    "ecdsa-p256-sha256": ("secp256r1", "ECDSA secp256r1 sha256"),
-    "ecdsa-p384-sha384": ("secp384r1", "ECDSA secp384r1 sha384"),
-    "ed25519": ("ed25519", "Ed25519"),
+#: envelope ``algorithm`` -> (curve name or "ed25519", the hash it signs with; None for Ed25519)
+ALGORITHMS: dict[str, tuple[str, type[hashes.HashAlgorithm] | None]] = {
+    "ecdsa-p256-sha256": ("secp256r1", hashes.SHA256),
+    "ecdsa-p384-sha384": ("secp384r1", hashes.SHA384),
+    "ed25519": ("ed25519", None),
 }
+
+
+def _verify_exactly(key: PublicKey, algorithm: str, payload: bytes, signature: bytes) -> None:
+    """Verify with the one algorithm the envelope names (no fallback hash: a P-384 key signs with SHA-384)."""
+    digest = ALGORITHMS[algorithm][1]
+    try:
+        if isinstance(key, ed25519.Ed25519PublicKey) and digest is None:
+            key.verify(signature, payload)
+            return
+        if isinstance(key, ec.EllipticCurvePublicKey) and digest is not None:
+            key.verify(signature, payload, ec.ECDSA(digest()))
+            return
+    except InvalidSignature:
+        raise VerificationError(
+            f"{algorithm} signature does not verify", code=Code.SIGNATURE_MISMATCH
+        ) from None
+    raise VerificationError(f"the key cannot verify {algorithm}", code=Code.UNSUPPORTED_KEY)
 
 
 def algorithm_for(key: PublicKey) -> str:
@@ -131,37 +150,32 @@ class PolicyVerifier:
             raise PolicySignatureError(
                 f"{what}: the document is not signed; this device requires a signed envelope "
                 '{"document", "signature", "key_id", "algorithm"} (see imageguard console sign-policy)',
-                code="policy-unsigned",
+                code=Code.POLICY_UNSIGNED,
             )
         validate(envelope, ENVELOPE_SCHEMA, what)
         if envelope["key_id"] != self.key_id:
             raise PolicySignatureError(
                 f"{what}: signed by key {envelope['key_id'][:16]}, but this device trusts only key "
                 f"{self.key_id[:16]}",
-                code="policy-unknown-key",
+                code=Code.POLICY_UNKNOWN_KEY,
             )
         if envelope["algorithm"] != self.algorithm:
             raise PolicySignatureError(
                 f"{what}: algorithm {envelope['algorithm']!r} does not match the device's key "
                 f"({self.algorithm})",
-                code="policy-signature-invalid",
+                code=Code.POLICY_SIGNATURE_INVALID,
             )
         try:
             signature = b64decode_strict(envelope["signature"])
         except (ValueError, binascii.Error):
             raise PolicySignatureError(
-                f"{what}: signature is not valid base64", code="policy-signature-invalid"
+                f"{what}: signature is not valid base64", code=Code.POLICY_SIGNATURE_INVALID
             ) from None
         document = envelope["document"]
         try:
-            verified = verify_signature(self.key, canonical_bytes(document), signature)
-        except (VerificationError, InputError) as exc:
+            _verify_exactly(self.key, self.algorithm, canonical_bytes(document), signature)
+        except VerificationError as exc:
             raise PolicySignatureError(
-                f"{what}: signature does not verify: {exc}", code="policy-signature-invalid"
+                f"{what}: signature does not verify: {exc}", code=Code.POLICY_SIGNATURE_INVALID
             ) from None
-        if verified != ALGORITHMS[self.algorithm][1]:  # e.g. a P-384 key signing with SHA-256
-            raise PolicySignatureError(
-                f"{what}: signature verified as {verified}, not {self.algorithm}",
-                code="policy-signature-invalid",
-            )
         return dict(document)

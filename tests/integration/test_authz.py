@@ -25,10 +25,11 @@ import pytest
 
 from agent import config as config_mod
 from agent.app import Agent
-from agent.core.decision import Reason, VerificationOutcome, VerifyTarget
+from agent.core.decision import VerificationOutcome, VerifyTarget
 from agent.core.digest import Digest
 from agent.core.policy import EffectivePolicy
 from agent.core.schemas import validate
+from agent.errors import Code
 from agent.runtime.enforcer import Verifier
 from agent.runtime.verification import build_verifier
 from tests.support.agentproc import cli, wait_for
@@ -57,7 +58,7 @@ class SwitchableVerifier:
         if self.delay:
             time.sleep(self.delay)
         if self.inner is None:
-            return VerificationOutcome(None, Reason.VERIFICATION_ERROR, "no verifier")
+            return VerificationOutcome(None, Code.VERIFICATION_ERROR, "no verifier")
         return self.inner.verify(targets, timeout)
 
 

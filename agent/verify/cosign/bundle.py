@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.core.digest import Digest
-from agent.errors import VerificationError
+from agent.errors import Code, VerificationError
 from agent.verify.cosign.encoding import DecodeError, b64decode_strict, parse_json
 from agent.verify.cosign.payload import check_repository
 
@@ -33,7 +33,7 @@ MAX_TLOG_ENTRIES = 16
 
 
 def _fail(message: str) -> VerificationError:
-    return VerificationError(message, code="bundle-invalid")
+    return VerificationError(message, code=Code.BUNDLE_INVALID)
 
 
 @dataclass(frozen=True)
@@ -159,19 +159,21 @@ def check_statement(
     try:
         doc = _obj(parse_json(envelope.payload), "in-toto statement")
     except DecodeError as exc:
-        raise VerificationError(f"in-toto statement: {exc}", code="payload-invalid") from None
+        raise VerificationError(f"in-toto statement: {exc}", code=Code.PAYLOAD_INVALID) from None
     if doc.get("_type") not in STATEMENT_TYPES:
-        raise VerificationError(f"statement _type is {str(doc.get('_type'))[:100]!r}", code="payload-invalid")
+        raise VerificationError(
+            f"statement _type is {str(doc.get('_type'))[:100]!r}", code=Code.PAYLOAD_INVALID
+        )
     predicate_type = doc.get("predicateType")
     if predicate_type != COSIGN_SIGN_PREDICATE:
         raise VerificationError(
             f"statement predicateType is {str(predicate_type)[:100]!r}, expected {COSIGN_SIGN_PREDICATE!r} "
             "(other predicate types are attestations, not signatures)",
-            code="payload-invalid",
+            code=Code.PAYLOAD_INVALID,
         )
     subjects = doc.get("subject")
     if not isinstance(subjects, list):
-        raise VerificationError("statement has no subject list", code="payload-invalid")
+        raise VerificationError("statement has no subject list", code=Code.PAYLOAD_INVALID)
     digests: list[str] = []
     names: list[str] = []
     for s in subjects:
@@ -184,7 +186,7 @@ def check_statement(
     if expected.hex not in digests:
         found = ", ".join(f"sha256:{d[:64]}" for d in digests[:5]) or "none"
         raise VerificationError(
-            f"statement subjects name {found}, expected {expected}", code="digest-mismatch"
+            f"statement subjects name {found}, expected {expected}", code=Code.DIGEST_MISMATCH
         )
     if strict_identity:
         _check_names(names, repository)

@@ -19,7 +19,7 @@ from cryptography.x509.verification import Criticality, ExtensionPolicy, PolicyB
 from cryptography.x509.verification import VerificationError as X509VerificationError
 
 from agent.core.anchors import Identity
-from agent.errors import VerificationError
+from agent.errors import Code, VerificationError
 from agent.verify.cosign.encoding import DecodeError, der_utf8string, pem_blocks
 
 OID_ISSUER_V1 = x509.ObjectIdentifier("1.3.6.1.4.1.57264.1.1")  # raw bytes (deprecated, still issued)
@@ -80,11 +80,11 @@ def verify_path(
     Raises VerificationError with code certificate-expired, certificate-eku or certificate-untrusted.
     """
     if not roots:
-        raise VerificationError("the trust anchor holds no root certificate", code="certificate-untrusted")
+        raise VerificationError("the trust anchor holds no root certificate", code=Code.CERTIFICATE_UNTRUSTED)
     if len(untrusted) > MAX_CHAIN_CERTS:
         raise VerificationError(
             f"{len(untrusted)} intermediate certificates given; at most {MAX_CHAIN_CERTS} are considered",
-            code="certificate-untrusted",
+            code=Code.CERTIFICATE_UNTRUSTED,
         )
     at = _utc(at)
     # Clear reasons for the two most common failures, before the generic path builder runs.
@@ -92,7 +92,7 @@ def verify_path(
         raise VerificationError(
             f"certificate {leaf.subject.rfc4514_string()!r} is valid {_iso(leaf.not_valid_before_utc)} to "
             f"{_iso(leaf.not_valid_after_utc)}, not at the signing time {_iso(at)}",
-            code="certificate-expired",
+            code=Code.CERTIFICATE_EXPIRED,
         )
     try:
         eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
@@ -101,7 +101,7 @@ def verify_path(
     if eku is not None and ExtendedKeyUsageOID.CODE_SIGNING not in eku:
         raise VerificationError(
             "certificate extendedKeyUsage does not include code signing (1.3.6.1.5.5.7.3.3)",
-            code="certificate-eku",
+            code=Code.CERTIFICATE_EKU,
         )
     ca_policy = ExtensionPolicy.permit_all().require_present(
         x509.BasicConstraints, Criticality.AGNOSTIC, None
@@ -119,9 +119,9 @@ def verify_path(
         )
         return list(verifier.verify(leaf, list(untrusted)).chain)
     except X509VerificationError as exc:
-        code = (
-            "certificate-expired" if "not valid at validation time" in str(exc) else "certificate-untrusted"
-        )
+        # judged from the certificates' validity periods, not from the library's message text
+        expired = any(not (c.not_valid_before_utc <= at <= c.not_valid_after_utc) for c in (leaf, *untrusted))
+        code = Code.CERTIFICATE_EXPIRED if expired else Code.CERTIFICATE_UNTRUSTED
         raise VerificationError(
             f"certificate {leaf.subject.rfc4514_string()!r} does not chain to the trust anchor's roots at "
             f"{at:%Y-%m-%dT%H:%M:%SZ}: {exc}",
@@ -129,7 +129,7 @@ def verify_path(
         ) from None
     except (ValueError, x509.UnsupportedGeneralNameType) as exc:  # e.g. odd names or keys deep in the path
         raise VerificationError(
-            f"certificate path cannot be validated: {exc}", code="certificate-untrusted"
+            f"certificate path cannot be validated: {exc}", code=Code.CERTIFICATE_UNTRUSTED
         ) from None
 
 
@@ -175,12 +175,12 @@ def certificate_issuer(cert: x509.Certificate) -> str | None:
             v1 = v1_raw.decode("utf-8")
     except (DecodeError, UnicodeDecodeError):
         raise VerificationError(
-            "certificate issuer extension is malformed", code="identity-mismatch"
+            "certificate issuer extension is malformed", code=Code.IDENTITY_MISMATCH
         ) from None
     if v1 is not None and v2 is not None and v1 != v2:
         raise VerificationError(
             f"certificate issuer extensions disagree: {v2!r} (1.3.6.1.4.1.57264.1.8) vs {v1!r} (.1.1)",
-            code="identity-mismatch",
+            code=Code.IDENTITY_MISMATCH,
         )
     return v2 if v2 is not None else v1
 
@@ -212,5 +212,5 @@ def check_identities(cert: x509.Certificate, identities: Sequence[Identity]) -> 
         return described
     wanted = "; ".join(str(i.to_dict()) for i in identities)
     raise VerificationError(
-        f"certificate identity ({described}) matches none of: {wanted}", code="identity-mismatch"
+        f"certificate identity ({described}) matches none of: {wanted}", code=Code.IDENTITY_MISMATCH
     )

@@ -20,7 +20,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
-from agent.errors import KeyMaterialError, VerificationError
+from agent.errors import Code, KeyMaterialError, VerificationError
 from agent.verify.cosign.encoding import (
     DecodeError,
     b64decode_strict,
@@ -135,7 +135,7 @@ def verify_signature(key: PublicKey, payload: bytes, signature: bytes) -> str:
         expected = " or ".join(a.name.upper() for a in candidates)
         raise VerificationError(
             f"ECDSA signature ({expected}) does not verify with key {key_fingerprint(key)[:16]}",
-            code="signature-mismatch",
+            code=Code.SIGNATURE_MISMATCH,
         )
     if isinstance(key, rsa.RSAPublicKey):
         schemes: list[tuple[str, padding.AsymmetricPadding]] = [
@@ -151,7 +151,7 @@ def verify_signature(key: PublicKey, payload: bytes, signature: bytes) -> str:
         raise VerificationError(
             f"RSA signature (PKCS#1 v1.5 or PSS, SHA-256) does not verify with key "
             f"{key_fingerprint(key)[:16]}",
-            code="signature-mismatch",
+            code=Code.SIGNATURE_MISMATCH,
         )
     try:
         key.verify(signature, payload)
@@ -160,7 +160,7 @@ def verify_signature(key: PublicKey, payload: bytes, signature: bytes) -> str:
         raise VerificationError(
             f"Ed25519 signature does not verify with key {key_fingerprint(key)[:16]} (only pure Ed25519 is "
             "supported; Ed25519ph signatures, cosign's default for Ed25519 keys, cannot be verified)",
-            code="signature-mismatch",
+            code=Code.SIGNATURE_MISMATCH,
         ) from None
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from agent.core.digest import Digest
 from agent.core.imageref import DEFAULT_REGISTRY, ImageRef
-from agent.errors import ImageRefError, VerificationError
+from agent.errors import Code, ImageRefError, VerificationError
 from agent.verify.cosign.encoding import DecodeError, parse_json
 
 SIMPLE_SIGNING_TYPE = "cosign container image signature"
@@ -76,18 +76,18 @@ def check_claims(
     try:
         doc = parse_json(payload)
     except DecodeError as exc:
-        raise VerificationError(f"payload is not JSON ({exc})", code="payload-invalid") from None
+        raise VerificationError(f"payload is not JSON ({exc})", code=Code.PAYLOAD_INVALID) from None
     critical = doc.get("critical") if isinstance(doc, dict) else None
     image = critical.get("image") if isinstance(critical, dict) else None
     found = image.get("docker-manifest-digest") if isinstance(image, dict) else None
     if found is None:
         raise VerificationError(
             f"payload has no critical.image.docker-manifest-digest; expected {expected}",
-            code="payload-invalid",
+            code=Code.PAYLOAD_INVALID,
         )
     if found != str(expected):
         raise VerificationError(
-            f"payload signs digest {str(found)[:80]!r}, expected {expected}", code="digest-mismatch"
+            f"payload signs digest {str(found)[:80]!r}, expected {expected}", code=Code.DIGEST_MISMATCH
         )
     identity = critical.get("identity") if isinstance(critical, dict) else None
     ref = identity.get("docker-reference") if isinstance(identity, dict) else None
@@ -102,19 +102,19 @@ def check_repository(signed: str | None, repository: str | None) -> None:
     if repository is None:
         raise VerificationError(
             "the trust anchor requires a matching docker-reference, but the image's repository is unknown",
-            code="identity-mismatch",
+            code=Code.IDENTITY_MISMATCH,
         )
     if signed is None:
         raise VerificationError(
             f"the trust anchor requires the signature to name repository {repository}, but it names none",
-            code="identity-mismatch",
+            code=Code.IDENTITY_MISMATCH,
         )
     try:
         signed_name = ImageRef.parse(signed).name
         wanted = ImageRef.parse(repository).name
     except ImageRefError as exc:
-        raise VerificationError(f"cannot compare repositories: {exc}", code="identity-mismatch") from None
+        raise VerificationError(f"cannot compare repositories: {exc}", code=Code.IDENTITY_MISMATCH) from None
     if signed_name != wanted:
         raise VerificationError(
-            f"signature names repository {signed_name}, expected {wanted}", code="identity-mismatch"
+            f"signature names repository {signed_name}, expected {wanted}", code=Code.IDENTITY_MISMATCH
         )

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from agent.errors import KeyMaterialError, VerificationError
+from agent.errors import Code, KeyMaterialError, VerificationError
 from agent.verify.cosign.certs import CertificateFormatError, parse_der_certificate
 from agent.verify.cosign.encoding import DecodeError, b64decode_strict, b64encode, parse_json, pem_blocks
 from agent.verify.cosign.keys import load_public_key, spki_der
@@ -62,7 +62,7 @@ class TlogEntry:
 
 
 def _fail(message: str) -> VerificationError:
-    return VerificationError(message, code="tlog-invalid")
+    return VerificationError(message, code=Code.TLOG_INVALID)
 
 
 def _get(doc: Any, *path: str) -> Any:

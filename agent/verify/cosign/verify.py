@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from agent.core.anchors import TrustAnchor
 from agent.core.digest import Digest
-from agent.errors import KeyMaterialError, VerificationError
+from agent.errors import Code, KeyMaterialError, VerificationError
 from agent.verify.cosign import bundle as bundles
 from agent.verify.cosign.artifacts import (
     ANN_BUNDLE,
@@ -130,7 +130,7 @@ class SignatureOutcome:
     origin: str
     format: str  # "legacy" (.sig layer) or "bundle" (Sigstore bundle referrer)
     ok: bool
-    code: str  # "verified" or a reason code
+    code: Code  # VERIFIED or a reason code
     message: str
     signing_time: float | None = None
     tlog_verified: bool = False
@@ -196,7 +196,7 @@ def evaluate(
         if i >= MAX_SIGNATURES:
             outcomes.append(
                 SignatureOutcome(
-                    _origin(sig, i), _format(sig), False, "not-tried", f"only {MAX_SIGNATURES} are tried"
+                    _origin(sig, i), _format(sig), False, Code.NOT_TRIED, f"only {MAX_SIGNATURES} are tried"
                 )
             )
             continue
@@ -223,14 +223,14 @@ def verify_image(
         raise VerificationError(
             f"no signatures found for {digest}; sign the image (imageguard sign / cosign sign) and push the "
             "signature to the image's repository",
-            code="no-signatures",
+            code=Code.NO_SIGNATURES,
             reasons=["no signatures found"],
         )
     codes = {o.code for o in report.outcomes}
     raise VerificationError(
         f"no signature of {digest} verifies under trust anchor {report.anchor!r} "
         f"({len(report.outcomes)} tried): {report.outcomes[0].reason}",
-        code=codes.pop() if len(codes) == 1 else "signature-invalid",
+        code=codes.pop() if len(codes) == 1 else Code.SIGNATURE_INVALID,
         reasons=[o.reason for o in report.outcomes],
     )
 
@@ -264,7 +264,7 @@ def _check_one(
         origin,
         fmt,
         True,
-        "verified",
+        Code.VERIFIED,
         accepted.description,
         signing_time=float(t.integrated_time) if t else None,
         tlog_verified=t is not None,
@@ -272,7 +272,7 @@ def _check_one(
 
 
 def _malformed(message: str) -> VerificationError:
-    return VerificationError(message, code="malformed-signature")
+    return VerificationError(message, code=Code.MALFORMED_SIGNATURE)
 
 
 def _annotation(sig: LegacySignature, key: str) -> str | None:
@@ -299,7 +299,7 @@ def _signer_key(leaf: x509.Certificate) -> PublicKey:
     try:
         return check_key(leaf.public_key(), "signing certificate")
     except KeyMaterialError as exc:
-        raise VerificationError(exc.message, code="unsupported-key") from None
+        raise VerificationError(exc.message, code=Code.UNSUPPORTED_KEY) from None
 
 
 def _check_tlog_required(m: AnchorMaterial, tlog: TlogEntry | None, missing: str) -> None:
@@ -308,10 +308,10 @@ def _check_tlog_required(m: AnchorMaterial, tlog: TlogEntry | None, missing: str
     if m.rekor is None:
         raise VerificationError(
             "the trust anchor requires a transparency-log entry but configures no rekor_public_key",
-            code="tlog-required",
+            code=Code.TLOG_REQUIRED,
         )
     raise VerificationError(
-        f"the trust anchor requires a verified transparency-log entry; {missing}", code="tlog-required"
+        f"the trust anchor requires a verified transparency-log entry; {missing}", code=Code.TLOG_REQUIRED
     )
 
 
@@ -381,14 +381,14 @@ def _check_bundle(
 ) -> _Accepted:
     if not sig.media_type.startswith(BUNDLE_MEDIA_TYPE_PREFIX):
         raise VerificationError(
-            f"mediaType {sig.media_type[:100]!r} is not a Sigstore bundle", code="bundle-invalid"
+            f"mediaType {sig.media_type[:100]!r} is not a Sigstore bundle", code=Code.BUNDLE_INVALID
         )
     b = bundles.parse_bundle(sig.bundle)
     env = b.envelope
     if env is None:
         raise VerificationError(
             "messageSignature bundles are not cosign image signatures (cosign signs images with DSSE)",
-            code="bundle-invalid",
+            code=Code.BUNDLE_INVALID,
         )
     signed = bundles.pae(env.payload_type, env.payload)
     leaf: x509.Certificate | None = None
@@ -400,12 +400,12 @@ def _check_bundle(
     else:
         if not b.certificates:
             raise VerificationError(
-                "the trust anchor is a CA, but the bundle holds no certificate", code="bundle-invalid"
+                "the trust anchor is a CA, but the bundle holds no certificate", code=Code.BUNDLE_INVALID
             )
         try:
             certs = [parse_der_certificate(der) for der in b.certificates]
         except CertificateFormatError as exc:
-            raise VerificationError(f"bundle certificate: {exc}", code="bundle-invalid") from None
+            raise VerificationError(f"bundle certificate: {exc}", code=Code.BUNDLE_INVALID) from None
         leaf, untrusted = certs[0], certs[1:]
         algorithm = verify_signature(_signer_key(leaf), signed, env.signature)
         signer = Signer(leaf.public_bytes(Encoding.DER), is_certificate=True)

@@ -12,7 +12,6 @@ from agent.core.decision import (
     Decision,
     Evidence,
     FailedVerification,
-    Reason,
     VerificationOutcome,
     VerifiedDigest,
     VerifyTarget,
@@ -25,6 +24,7 @@ from agent.core.digest import Digest
 from agent.core.facts import ContainerFacts
 from agent.core.imageref import ImageRef
 from agent.core.policy import AllowlistEntry, EffectivePolicy, Enforcement, PolicyLayer
+from agent.errors import Code
 
 ENFORCE = Enforcement(True, "enforce")
 AUDIT = Enforcement(True, "audit")
@@ -68,7 +68,7 @@ def verified(d: Digest, anchor: TrustAnchor) -> Evidence:
     return Evidence({d: (VerifiedDigest(d, anchor.name, anchor.fingerprint, ACME_REPO),)}, {})
 
 
-def failed(d: Digest, *anchors: str, reason: Reason = Reason.SIGNATURE_INVALID) -> Evidence:
+def failed(d: Digest, *anchors: str, reason: Code = Code.SIGNATURE_INVALID) -> Evidence:
     return Evidence({}, {d: FailedVerification(reason, "no signature matched", frozenset(anchors))})
 
 
@@ -78,26 +78,26 @@ NO_DIGEST = facts(image_id=None)
 
 CASES = [
     # (id, facts, policy, evidence, verdict, reason, matched, anchor)
-    ("disabled", SIGNED, policy(OFF), NO_EVIDENCE, "allowed", Reason.ENFORCEMENT_DISABLED, None, None),
+    ("disabled", SIGNED, policy(OFF), NO_EVIDENCE, "allowed", Code.ENFORCEMENT_DISABLED, None, None),
     (
         "disabled-no-digest",
         NO_DIGEST,
         policy(OFF),
         NO_EVIDENCE,
         "allowed",
-        Reason.ENFORCEMENT_DISABLED,
+        Code.ENFORCEMENT_DISABLED,
         None,
         None,
     ),
-    ("no-digest", NO_DIGEST, policy(allow=(REPO_D,)), NO_EVIDENCE, "blocked", Reason.NO_DIGEST, None, None),
-    ("no-digest-audit", NO_DIGEST, policy(AUDIT), NO_EVIDENCE, "would-block", Reason.NO_DIGEST, None, None),
+    ("no-digest", NO_DIGEST, policy(allow=(REPO_D,)), NO_EVIDENCE, "blocked", Code.NO_DIGEST, None, None),
+    ("no-digest-audit", NO_DIGEST, policy(AUDIT), NO_EVIDENCE, "would-block", Code.NO_DIGEST, None, None),
     (
         "allow-repo-digest",
         SIGNED,
         policy(allow=(REPO_D,)),
         NO_EVIDENCE,
         "allowed",
-        Reason.ALLOWLISTED,
+        Code.ALLOWLISTED,
         REPO_D,
         None,
     ),
@@ -107,7 +107,7 @@ CASES = [
         policy(allow=(IMAGE_ID,)),
         NO_EVIDENCE,
         "allowed",
-        Reason.ALLOWLISTED,
+        Code.ALLOWLISTED,
         IMAGE_ID,
         None,
     ),
@@ -117,7 +117,7 @@ CASES = [
         policy(allow=(IMAGE_ID,)),
         NO_EVIDENCE,
         "allowed",
-        Reason.ALLOWLISTED,
+        Code.ALLOWLISTED,
         IMAGE_ID,
         None,
     ),
@@ -127,7 +127,7 @@ CASES = [
         policy(AUDIT, allow=(IMAGE_ID,)),
         NO_EVIDENCE,
         "allowed",
-        Reason.ALLOWLISTED,
+        Code.ALLOWLISTED,
         IMAGE_ID,
         None,
     ),
@@ -137,7 +137,7 @@ CASES = [
         policy(allow=(REPO_D,), anchors=(ACME,)),
         failed(REPO_D, "acme"),
         "allowed",
-        Reason.ALLOWLISTED,
+        Code.ALLOWLISTED,
         REPO_D,
         None,
     ),
@@ -147,7 +147,7 @@ CASES = [
         policy(instances=frozenset({IMAGE_ID})),
         NO_EVIDENCE,
         "allowed",
-        Reason.INSTANCE_DIGEST,
+        Code.INSTANCE_DIGEST,
         IMAGE_ID,
         None,
     ),
@@ -157,7 +157,7 @@ CASES = [
         policy(anchors=(ACME,)),
         verified(REPO_D, ACME),
         "allowed",
-        Reason.VERIFIED_BEFORE,
+        Code.VERIFIED_BEFORE,
         REPO_D,
         "acme",
     ),
@@ -167,7 +167,7 @@ CASES = [
         policy(anchors=(EVERY,)),
         verified(REPO_D, ACME),
         None,
-        Reason.NOT_ALLOWLISTED,
+        Code.NOT_ALLOWLISTED,
         None,
         None,
     ),
@@ -177,7 +177,7 @@ CASES = [
         policy(),
         verified(REPO_D, ACME),
         "blocked",
-        Reason.NOT_ALLOWLISTED,
+        Code.NOT_ALLOWLISTED,
         None,
         None,
     ),
@@ -187,7 +187,7 @@ CASES = [
         policy(anchors=(ACME_ROTATED,)),
         verified(REPO_D, ACME),
         None,
-        Reason.NOT_ALLOWLISTED,
+        Code.NOT_ALLOWLISTED,
         None,
         None,
     ),
@@ -197,18 +197,18 @@ CASES = [
         policy(allow=(UNKNOWN,)),
         NO_EVIDENCE,
         "blocked",
-        Reason.NOT_ALLOWLISTED,
+        Code.NOT_ALLOWLISTED,
         None,
         None,
     ),
-    ("unknown-audit", SIGNED, policy(AUDIT), NO_EVIDENCE, "would-block", Reason.NOT_ALLOWLISTED, None, None),
+    ("unknown-audit", SIGNED, policy(AUDIT), NO_EVIDENCE, "would-block", Code.NOT_ALLOWLISTED, None, None),
     (
         "not-in-scope",
         facts((OTHER_REPO, OTHER_D)),
         policy(anchors=(ACME,)),
         NO_EVIDENCE,
         "blocked",
-        Reason.NOT_ALLOWLISTED,
+        Code.NOT_ALLOWLISTED,
         None,
         None,
     ),
@@ -218,18 +218,18 @@ CASES = [
         policy(anchors=(EVERY,)),
         NO_EVIDENCE,
         "blocked",
-        Reason.NOT_ALLOWLISTED,
+        Code.NOT_ALLOWLISTED,
         None,
         None,
     ),
-    ("covered", SIGNED, policy(anchors=(ACME,)), NO_EVIDENCE, None, Reason.NOT_ALLOWLISTED, None, None),
+    ("covered", SIGNED, policy(anchors=(ACME,)), NO_EVIDENCE, None, Code.NOT_ALLOWLISTED, None, None),
     (
         "covered-audit",
         SIGNED,
         policy(AUDIT, anchors=(ACME,)),
         NO_EVIDENCE,
         None,
-        Reason.NOT_ALLOWLISTED,
+        Code.NOT_ALLOWLISTED,
         None,
         None,
     ),
@@ -237,9 +237,9 @@ CASES = [
         "cached-failure",
         SIGNED,
         policy(anchors=(ACME,)),
-        failed(REPO_D, "acme", reason=Reason.REGISTRY_UNREACHABLE),
+        failed(REPO_D, "acme", reason=Code.REGISTRY_UNREACHABLE),
         "blocked",
-        Reason.REGISTRY_UNREACHABLE,
+        Code.REGISTRY_UNREACHABLE,
         None,
         None,
     ),
@@ -249,7 +249,7 @@ CASES = [
         policy(AUDIT, anchors=(ACME,)),
         failed(REPO_D, "acme"),
         "would-block",
-        Reason.SIGNATURE_INVALID,
+        Code.SIGNATURE_INVALID,
         None,
         None,
     ),
@@ -260,7 +260,7 @@ CASES = [
         policy(anchors=(ACME, EVERY)),
         failed(REPO_D, "acme"),
         None,
-        Reason.NOT_ALLOWLISTED,
+        Code.NOT_ALLOWLISTED,
         None,
         None,
     ),
@@ -270,7 +270,7 @@ CASES = [
         policy(anchors=(ACME,)),
         failed(REPO_D, "acme", "every"),
         None,
-        Reason.NOT_ALLOWLISTED,
+        Code.NOT_ALLOWLISTED,
         None,
         None,
     ),
@@ -280,7 +280,7 @@ CASES = [
         policy(anchors=(ACME,)),
         failed(UNKNOWN, "acme"),
         None,
-        Reason.NOT_ALLOWLISTED,
+        Code.NOT_ALLOWLISTED,
         None,
         None,
     ),
@@ -298,7 +298,7 @@ def test_decide(
     pol: EffectivePolicy,
     evidence: Evidence,
     verdict: str | None,
-    reason: Reason,
+    reason: Code,
     matched: Digest | None,
     anchor: str | None,
 ) -> None:
@@ -338,11 +338,11 @@ def test_negative_cache_needs_a_failure_for_every_target() -> None:
         {},
         {
             **one.failures,
-            OTHER_D: FailedVerification(Reason.VERIFICATION_TIMEOUT, "slow", frozenset({"every"})),
+            OTHER_D: FailedVerification(Code.VERIFICATION_TIMEOUT, "slow", frozenset({"every"})),
         },
     )
     d = decide(both, pol, every_target)
-    assert (d.verdict, d.reason) == ("blocked", Reason.SIGNATURE_INVALID)
+    assert (d.verdict, d.reason) == ("blocked", Code.SIGNATURE_INVALID)
     assert d.detail.endswith("(cached result)")
 
 
@@ -358,7 +358,7 @@ def test_verified_by_a_second_anchor_when_the_first_changed() -> None:
         {},
     )
     d = decide(SIGNED, pol, evidence)
-    assert (d.verdict, d.reason, d.anchor) == ("allowed", Reason.VERIFIED_BEFORE, "every")
+    assert (d.verdict, d.reason, d.anchor) == ("allowed", Code.VERIFIED_BEFORE, "every")
 
 
 def test_decisions_depend_only_on_their_inputs() -> None:
@@ -374,13 +374,13 @@ def test_conclude(enforcement: Enforcement, negative: str) -> None:
     success = conclude(pending, VerificationOutcome(VerifiedDigest(REPO_D, "acme", ACME.fingerprint)), pol)
     assert (success.verdict, success.reason, success.matched, success.anchor) == (
         "allowed",
-        Reason.SIGNATURE_VERIFIED,
+        Code.SIGNATURE_VERIFIED,
         REPO_D,
         "acme",
     )
     assert success.digests == pending.digests
     assert not success.verify
-    for reason in (Reason.SIGNATURE_INVALID, Reason.REGISTRY_UNREACHABLE, Reason.VERIFICATION_TIMEOUT):
+    for reason in (Code.SIGNATURE_INVALID, Code.REGISTRY_UNREACHABLE, Code.VERIFICATION_TIMEOUT):
         failure = conclude(pending, VerificationOutcome(None, reason, "why"), pol)
         assert (failure.verdict, failure.reason, failure.detail, failure.matched) == (
             negative,
@@ -392,8 +392,8 @@ def test_conclude(enforcement: Enforcement, negative: str) -> None:
 
 
 def test_decision_pending_property() -> None:
-    assert Decision(None, Reason.NOT_ALLOWLISTED, "", ()).pending
-    assert not Decision("blocked", Reason.NOT_ALLOWLISTED, "", ()).pending
+    assert Decision(None, Code.NOT_ALLOWLISTED, "", ()).pending
+    assert not Decision("blocked", Code.NOT_ALLOWLISTED, "", ()).pending
 
 
 BASE = policy(allow=(REPO_D, IMAGE_ID), anchors=(ACME, EVERY), instances=frozenset({OTHER_D}))

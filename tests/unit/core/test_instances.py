@@ -14,7 +14,6 @@ from agent.core.instances import (
     LABEL_CONFIG,
     LABEL_INSTANCE,
     LABEL_MANAGED,
-    FailReason,
     InstanceFailure,
     InstanceSpec,
     InstanceState,
@@ -31,7 +30,7 @@ from agent.core.instances import (
     update_due,
 )
 from agent.core.policy import EffectivePolicy, Enforcement, PolicyLayer
-from agent.errors import PolicyError, SchemaError
+from agent.errors import Code, PolicyError, SchemaError
 
 D1, D2, D3 = (Digest.of(bytes([i])) for i in range(3))
 PEM = "-----BEGIN PUBLIC KEY-----\nMFkw\n-----END PUBLIC KEY-----\n"
@@ -174,10 +173,10 @@ def test_fleet_layers_and_duplicates_are_refused() -> None:
 def test_trust_anchor_resolution_failures() -> None:
     with pytest.raises(InstanceFailure) as exc:
         spec().trust_anchor({}.get)
-    assert exc.value.reason is FailReason.ANCHOR_MISSING
+    assert exc.value.reason is Code.ANCHOR_MISSING
     with pytest.raises(InstanceFailure) as exc:
         spec(image="registry.example:5000/other/web").trust_anchor(ANCHORS.get)
-    assert exc.value.reason is FailReason.ANCHOR_SCOPE
+    assert exc.value.reason is Code.ANCHOR_SCOPE
     assert spec().trust_anchor(ANCHORS.get) is TEAM
     assert current_pin_key(spec(), {}.get) is None
 

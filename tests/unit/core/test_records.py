@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from agent.core.decision import Decision, Reason
+from agent.core.decision import Decision
 from agent.core.digest import Digest
 from agent.core.facts import ContainerFacts
 from agent.core.imageref import ImageRef
@@ -22,6 +22,7 @@ from agent.core.records import (
     policy_event,
     utc_now,
 )
+from agent.errors import Code
 
 REPO_D = Digest.of(b"manifest")
 IMAGE_ID = Digest.of(b"config")
@@ -50,7 +51,7 @@ def test_ids_are_unique() -> None:
 
 
 def test_decision_record() -> None:
-    d = Decision("allowed", Reason.SIGNATURE_VERIFIED, "ok", FACTS.digests, matched=REPO_D, anchor="acme")
+    d = Decision("allowed", Code.SIGNATURE_VERIFIED, "ok", FACTS.digests, matched=REPO_D, anchor="acme")
     rec = decision_record(d, FACTS, POLICY, device="edge-1", trigger="event", action="none", now=0)
     assert rec == {
         "id": rec["id"],
@@ -77,7 +78,7 @@ def test_decision_record() -> None:
 
 def test_decision_record_without_match() -> None:
     facts = ContainerFacts(id="c", name="n", image="x", image_id=None)
-    d = Decision("blocked", Reason.NO_DIGEST, "none", ())
+    d = Decision("blocked", Code.NO_DIGEST, "none", ())
     rec = decision_record(d, facts, POLICY, device="e", trigger="scan", action="removed")
     assert rec["image_id"] is None
     assert rec["digests"] == []
@@ -86,7 +87,7 @@ def test_decision_record_without_match() -> None:
 
 def test_allowed_decision_gives_one_verdict() -> None:
     rec = decision_record(
-        Decision("allowed", Reason.ALLOWLISTED, "ok", FACTS.digests, matched=REPO_D),
+        Decision("allowed", Code.ALLOWLISTED, "ok", FACTS.digests, matched=REPO_D),
         FACTS,
         POLICY,
         device="e",
@@ -99,7 +100,7 @@ def test_allowed_decision_gives_one_verdict() -> None:
 
 @pytest.mark.parametrize("verdict", ["blocked", "would-block"])
 def test_negative_decision_gives_a_verdict_and_an_alert(verdict: str) -> None:
-    d = Decision(verdict, Reason.SIGNATURE_INVALID, "bad", FACTS.digests)  # type: ignore[arg-type]
+    d = Decision(verdict, Code.SIGNATURE_INVALID, "bad", FACTS.digests)  # type: ignore[arg-type]
     rec = decision_record(d, FACTS, POLICY, device="e", trigger="event", action="removed")
     verdict_msg, alert = decision_telemetry(rec)
     assert (verdict_msg.kind, verdict_msg.priority, verdict_msg.message) == (

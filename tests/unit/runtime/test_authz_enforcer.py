@@ -13,12 +13,13 @@ from agent.adapters.engine import Gone
 from agent.adapters.store import Store
 from agent.config import EnforcementConfig
 from agent.core.anchors import TrustAnchor
-from agent.core.decision import Reason, VerificationOutcome, VerifiedDigest, VerifyTarget
+from agent.core.decision import VerificationOutcome, VerifiedDigest, VerifyTarget
 from agent.core.digest import Digest
 from agent.core.facts import ContainerFacts
 from agent.core.imageref import ImageRef
 from agent.core.policy import AllowlistEntry, EffectivePolicy, Enforcement, PolicyLayer
 from agent.core.schemas import validate
+from agent.errors import Code
 from agent.runtime.enforcer import Enforcer
 
 REPO = "registry.example:5000/acme/app"
@@ -111,14 +112,14 @@ def enforcer(store: Store, verifier: SlowVerifier | None, timeout: float = 0.3) 
 
 CASES = [
     # (container, verdict, reason, action)
-    ("listed", "allowed", Reason.ALLOWLISTED, "none"),
-    ("unlisted", "blocked", Reason.NOT_ALLOWLISTED, "deny"),
+    ("listed", "allowed", Code.ALLOWLISTED, "none"),
+    ("unlisted", "blocked", Code.NOT_ALLOWLISTED, "deny"),
 ]
 
 
 @pytest.mark.parametrize(("cid", "verdict", "reason", "action"), CASES)
 def test_authorize_records_like_the_monitor(
-    store: Store, cid: str, verdict: str, reason: Reason, action: str
+    store: Store, cid: str, verdict: str, reason: Code, action: str
 ) -> None:
     e = enforcer(store, None)
     try:
@@ -154,7 +155,7 @@ def test_slow_verification_is_refused_at_the_timeout_and_cached_later(store: Sto
         first = e.authorize("signed")
         waited = time.monotonic() - t0
         assert first.decision.verdict == "blocked"
-        assert first.decision.reason == Reason.VERIFICATION_TIMEOUT
+        assert first.decision.reason == Code.VERIFICATION_TIMEOUT
         assert first.record["action"] == "deny"
         assert 0.2 <= waited < 0.9, waited  # did not wait for the verifier
         # the verification runs on; its result lets the next start through without verifying again
@@ -165,7 +166,7 @@ def test_slow_verification_is_refused_at_the_timeout_and_cached_later(store: Sto
         e.reload_verified()
         second = e.authorize("signed")
         assert second.decision.verdict == "allowed"
-        assert second.decision.reason == Reason.VERIFIED_BEFORE
+        assert second.decision.reason == Code.VERIFIED_BEFORE
         assert verifier.calls == 1
     finally:
         e.close()
@@ -178,7 +179,7 @@ def test_fast_verification_allows(store: Store) -> None:
         handled = e.authorize("signed")
     finally:
         e.close()
-    assert handled.decision.reason == Reason.SIGNATURE_VERIFIED
+    assert handled.decision.reason == Code.SIGNATURE_VERIFIED
     assert handled.record["anchor"] == "acme" and handled.record["action"] == "none"
 
 
@@ -189,7 +190,7 @@ def test_without_a_verifier_a_covered_image_is_refused(store: Store) -> None:
     finally:
         e.close()
     assert handled.decision.verdict == "blocked"
-    assert handled.decision.reason == Reason.VERIFICATION_ERROR
+    assert handled.decision.reason == Code.VERIFICATION_ERROR
 
 
 def test_monitor_skips_a_start_just_allowed_under_the_same_policy(store: Store) -> None:
