@@ -212,7 +212,7 @@ class Agent:
             # it judges starts only while the live policy says enforce
             from agent.runtime.authz import AuthzServer, Gate  # http.server & co load only in preventive mode
 
-            gate = Gate(self.enforcer)
+            gate = Gate(self.enforcer, self.config.preventive)
             self.authz = AuthzServer(self.config.preventive.socket, gate, on_thread_end=gate.thread_done)
             try:
                 self.authz.start()

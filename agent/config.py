@@ -50,6 +50,12 @@ class PreventiveConfig:
 
     enabled: bool = False
     socket: Path = Path("/run/docker/plugins/imageguard.sock")
+    #: ``POST /build`` (and BuildKit's /session, /grpc): RUN steps execute code from any base image
+    allow_build: bool = False
+    #: swarm init/join and services: the swarm executor starts task containers the plugin never sees
+    allow_swarm: bool = False
+    #: managed plugins that may be installed or enabled, by name ("vieux/sshfs" means ":latest" too)
+    allow_plugins: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -140,6 +146,8 @@ def _preventive(data: dict[str, Any]) -> PreventiveConfig:
     p = dict(data)
     if "socket" in p:
         p["socket"] = Path(p["socket"])
+    if "allow_plugins" in p:
+        p["allow_plugins"] = tuple(p["allow_plugins"])
     return PreventiveConfig(**p)
 
 

@@ -8,9 +8,13 @@ dockerd asks the plugin about every API request before acting on it (moby ``pkg/
 - ``POST /AuthZPlugin.AuthZRes`` (the same plus the response) -> ``{"Allow": true}``: by then the engine
   has acted, so refusing the response would protect nothing.
 
-Only requests that start a container are judged; every other request is allowed at once. Deciding on a
-start looks the container up through the same engine, and that lookup is itself put to this plugin, so
-connections are served concurrently (one thread each; dockerd keeps them alive).
+Every request is classified by :func:`agent.core.api.classify`, which reads the request target as dockerd's
+router does (origin or absolute form, percent-decoded, with or without version). Starts, restarts, exec
+and copying files into a container are judged on the container with the live policy; managed plugins, swarm
+and builds are refused unless the configuration allows them; a state-changing request that cannot be
+classified is refused. Deciding on a container looks it up through the same engine, and that lookup is
+itself put to this plugin, so connections are served concurrently (one thread each; dockerd keeps them
+alive).
 """
 
 from __future__ import annotations
@@ -21,8 +25,6 @@ import contextlib
 import json
 import logging
 import os
-import posixpath
-import re
 import socket
 import socketserver
 import stat
@@ -31,10 +33,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.adapters.engine import Gone
+from agent.config import PreventiveConfig
+from agent.core.api import ApiRequest, Op, classify
 from agent.errors import EngineError, InputError, StateError
 
 if TYPE_CHECKING:
@@ -48,10 +51,6 @@ AUTHZ_RES = "/AuthZPlugin.AuthZRes"
 CONTENT_TYPE = "application/vnd.docker.plugins.v1+json"
 #: dockerd forwards request and response bodies only up to 1 MiB (then base64): anything far bigger is not dockerd
 MAX_MESSAGE = 8 * 1024 * 1024
-
-# docker routes ``/containers/{name:.*}/start``: the name may itself hold slashes, so match greedily.
-# ``restart`` starts a stopped container too.
-_START = re.compile(r"^(?:/v[0-9][0-9.]*)?/containers/(?P<ref>.+)/(?:start|restart)/?$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,8 +86,8 @@ class AuthzRequest:
         method, uri = doc.get("RequestMethod"), doc.get("RequestUri")
         if not isinstance(method, str) or not method:
             raise InputError("authorization request: RequestMethod missing or not a string")
-        if not isinstance(uri, str) or not uri.startswith("/"):
-            raise InputError("authorization request: RequestUri missing or not an absolute path")
+        if not isinstance(uri, str) or not uri:  # origin or absolute form: agent.core.api reads both
+            raise InputError("authorization request: RequestUri missing or not a string")
         headers = doc.get("RequestHeaders") or {}
         if not isinstance(headers, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
@@ -110,27 +109,28 @@ class AuthzRequest:
 
 
 def start_target(method: str, uri: str) -> str | None:
-    """The container a request would start (as named in the URI), or None if it starts nothing.
-
-    Errs towards "it is a start": the path is percent-decoded and cleaned (as dockerd's router does or
-    redirects), and the method compared without case.
-    """
-    if method.upper() != "POST":
-        return None
-    path = unquote(uri.split("?", 1)[0].split("#", 1)[0])
-    if "\x00" in path:
-        path = path.replace("\x00", "")
-    clean = posixpath.normpath("/" + path.lstrip("/"))
-    m = _START.match(clean)
-    return m.group("ref") if m else None
+    """The container a request would start (as named in the URI), or None if it starts nothing."""
+    request = classify(method, uri)
+    return request.container if request.op is Op.CONTAINER_START else None
 
 
-Authorize = Callable[[str], Answer]
+class Decider(Protocol):
+    def __call__(self, ref: str) -> Answer:
+        """Judge the container ``ref`` (a start, an exec or a copy into it)."""
+
+    def operation(self, request: ApiRequest) -> Answer:
+        """Judge a plugin, swarm or build request."""
 
 
-def answer_request(raw: bytes, authorize: Authorize) -> Answer:
-    """Answer one ``AuthZReq``. Fails closed: a start request, or one whose kind cannot be told, that
-    cannot be parsed or decided is denied; any other request is allowed."""
+#: judged on the container they name
+_ON_CONTAINER = frozenset({Op.CONTAINER_START, Op.CONTAINER_EXEC, Op.CONTAINER_COPY_IN})
+#: judged by the configuration's switches
+_SWITCHED = frozenset({Op.PLUGIN, Op.SWARM, Op.BUILD})
+
+
+def answer_request(raw: bytes, decide: Decider) -> Answer:
+    """Answer one ``AuthZReq``. Fails closed: a request that runs code, or one whose kind cannot be told,
+    that cannot be parsed or decided is denied; a request that runs no new code is allowed."""
     try:
         doc = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
@@ -139,18 +139,25 @@ def answer_request(raw: bytes, authorize: Authorize) -> Answer:
     uri = doc.get("RequestUri") if isinstance(doc, dict) else None
     if not isinstance(method, str) or not isinstance(uri, str):
         return Answer(False, "ImageGuard: authorization request without method or URI; refused")
-    target = start_target(method, uri)
-    if target is None:
+    request = classify(method, uri)
+    if request.op is Op.UNKNOWN:
+        log.warning("refused %s %s: %s", method, uri[:200], request.why)
+        return Answer(False, f"ImageGuard: {request.why}; a request ImageGuard cannot classify is refused")
+    judged_container = request.op in _ON_CONTAINER and request.container is not None
+    if not judged_container and request.op not in _SWITCHED:
         return ALLOW
     try:
         AuthzRequest.parse(doc)
     except InputError as exc:
-        return Answer(False, f"ImageGuard: {exc}; start refused")
+        return Answer(False, f"ImageGuard: {exc}; refused")
+    if not judged_container:
+        return decide.operation(request)
+    target = request.container or ""
     try:
-        return authorize(target)
-    except Exception as exc:  # any failure to decide refuses the start
-        log.exception("authorization of a start of %s failed", target)
-        return Answer(False, f"ImageGuard could not decide on container {target}: {exc}; start refused")
+        return decide(target)
+    except Exception as exc:  # any failure to decide refuses the request
+        log.exception("authorization of %s of %s failed", request.op.value, target)
+        return Answer(False, f"ImageGuard could not decide on container {target}: {exc}; refused")
 
 
 class Gate:
@@ -160,8 +167,21 @@ class Gate:
     and the monitor records what it would have done.
     """
 
-    def __init__(self, enforcer: Enforcer) -> None:
+    def __init__(self, enforcer: Enforcer, rules: PreventiveConfig | None = None) -> None:
         self.enforcer = enforcer
+        self.rules = rules or PreventiveConfig()
+
+    def operation(self, request: ApiRequest) -> Answer:
+        """Plugins, swarm and builds: refused in enforce mode unless the configuration allows them."""
+        refusal = _refusal(request, self.rules)
+        if refusal is None:
+            return ALLOW
+        e = self.enforcer.policy.enforcement
+        if not e.enabled or e.mode != "enforce":
+            log.warning("audit: would refuse %s (%s)", request.path, refusal)
+            return ALLOW
+        log.warning("refused %s: %s", request.path, refusal)
+        return Answer(False, f"ImageGuard: {refusal}")
 
     def thread_done(self) -> None:
         """Close the engine connection this (connection) thread opened for its lookups."""
@@ -188,6 +208,30 @@ class Gate:
             False,
             f"ImageGuard: image {facts.image} is not allowed on this device ({d.reason.value}: {d.detail})",
         )
+
+
+def _refusal(request: ApiRequest, rules: PreventiveConfig) -> str | None:
+    if request.op is Op.BUILD and not rules.allow_build:
+        return (
+            "image builds are refused on this device: RUN steps would execute code from an unchecked base "
+            "image (set [preventive] allow_build = true to permit them)"
+        )
+    if request.op is Op.SWARM and not rules.allow_swarm:
+        return (
+            "swarm operations are refused on this device: swarm tasks start containers the authorization "
+            "plugin never sees (set [preventive] allow_swarm = true to permit them)"
+        )
+    if request.op is Op.PLUGIN:
+        name = request.name or ""
+        allowed = {
+            n for p in rules.allow_plugins for n in (p, p if ":" in p.rsplit("/", 1)[-1] else f"{p}:latest")
+        }
+        if name not in allowed:
+            return (
+                f"managed plugin {name or '(unnamed)'!r} is not allowed: a plugin runs as root with the mounts "
+                "it asks for (list it in [preventive] allow_plugins to permit it)"
+            )
+    return None
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -244,7 +288,7 @@ class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     block_on_close = False
     request_queue_size = 128
 
-    def __init__(self, path: str, authorize: Authorize, on_thread_end: Callable[[], None] | None) -> None:
+    def __init__(self, path: str, authorize: Decider, on_thread_end: Callable[[], None] | None) -> None:
         self.authorize = authorize
         self.on_thread_end = on_thread_end
         self._open: set[socket.socket] = set()
@@ -282,7 +326,7 @@ class AuthzServer:
     """Serves the plugin protocol on a Unix socket until ``close``."""
 
     def __init__(
-        self, path: Path, authorize: Authorize, *, on_thread_end: Callable[[], None] | None = None
+        self, path: Path, authorize: Decider, *, on_thread_end: Callable[[], None] | None = None
     ) -> None:
         """``on_thread_end`` runs on each connection's thread when dockerd closes that connection."""
         self.path = path

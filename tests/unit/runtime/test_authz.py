@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 
 from agent.adapters.engine import Gone
+from agent.config import PreventiveConfig
+from agent.core.api import ApiRequest, classify
 from agent.core.policy import EffectivePolicy, Enforcement
 from agent.errors import EngineError, InputError, StateError
 from agent.runtime.authz import ALLOW, Answer, AuthzRequest, AuthzServer, Gate, answer_request, start_target
@@ -44,6 +46,8 @@ START_CASES = [
     ("POST", "/v1.41/exec/abc/start", None),
     ("GET", "/v1.41/containers/json", None),
     ("POST", "/v1.41/plugins/start/enable", None),
+    ("POST", "http://docker/v1.41/containers/abc/start", "abc"),
+    ("POST", "https://any.host:99/containers/abc/restart?t=1", "abc"),
     ("HEAD", "/_ping", None),
 ]
 
@@ -63,6 +67,10 @@ class Recorder:
     def __init__(self, answer: Answer | Exception = ALLOW) -> None:
         self.answer = answer
         self.calls: list[str] = []
+
+    def operation(self, request: ApiRequest) -> Answer:
+        self.calls.append(f"op:{request.op.value}")
+        return DENY
 
     def __call__(self, ref: str) -> Answer:
         self.calls.append(ref)
@@ -97,6 +105,24 @@ ANSWER_CASES = [
         [],
     ),
     ("decider raises", req(), RuntimeError("boom"), False, ["abc"]),
+    # the request target in absolute form is routed by its path, as dockerd does
+    ("absolute-form start", req(RequestUri="http://docker/v1.41/containers/abc/start"), DENY, False, ["abc"]),
+    ("absolute-form, other scheme", req(RequestUri="unix://x/containers/abc/start"), DENY, False, ["abc"]),
+    ("exec into a container", req(RequestUri="/v1.41/containers/abc/exec"), DENY, False, ["abc"]),
+    ("copy into a container", req("PUT", "/v1.41/containers/abc/archive?path=/"), DENY, False, ["abc"]),
+    ("unknown state-changing target", req(RequestUri="/v1.41/containers/abc/strat"), ALLOW, False, []),
+    ("unreadable target", req(RequestUri="containers/abc/start"), ALLOW, False, []),
+    ("broken escape", req(RequestUri="/v1.41/containers/abc%zzstart"), ALLOW, False, []),
+    (
+        "plugin install: the switch",
+        req(RequestUri="/v1.41/plugins/pull?remote=x"),
+        ALLOW,
+        False,
+        ["op:plugin"],
+    ),
+    ("build: the switch", req(RequestUri="/build?t=x"), ALLOW, False, ["op:build"]),
+    ("swarm service: the switch", req(RequestUri="/v1.41/services/create"), ALLOW, False, ["op:swarm"]),
+    ("stop: runs nothing new", req(RequestUri="/v1.41/containers/abc/stop"), DENY, True, []),
 ]
 
 
@@ -119,8 +145,8 @@ def test_parse_decodes_body_strictly() -> None:
     assert parsed.body == b'{"x": 1}' and parsed.headers == {"Content-Type": "application/json"}
     with pytest.raises(InputError, match="base64"):
         AuthzRequest.parse({**doc, "RequestBody": B64[:-2] + "!="})
-    with pytest.raises(InputError, match="absolute path"):
-        AuthzRequest.parse({**doc, "RequestUri": "containers/x/start"})
+    with pytest.raises(InputError, match="RequestUri"):
+        AuthzRequest.parse({**doc, "RequestUri": ""})
 
 
 # -- the gate: live policy -> answer ----------------------------------------------------------------
@@ -188,6 +214,59 @@ def test_gate(enforcement: Enforcement, outcome: Any, allowed: bool, asked: bool
     assert answer.allow is allowed
     assert enforcer.calls == (["web"] if asked else [])
     assert text in answer.msg
+
+
+OPERATION_CASES = [
+    # (id, enforcement, rules, request target, allowed?)
+    ("build refused by default", Enforcement(True, "enforce"), PreventiveConfig(), "/build", False),
+    (
+        "build allowed by the switch",
+        Enforcement(True, "enforce"),
+        PreventiveConfig(allow_build=True),
+        "/build",
+        True,
+    ),
+    ("audit: build let through", Enforcement(True, "audit"), PreventiveConfig(), "/build", True),
+    ("swarm refused by default", Enforcement(True, "enforce"), PreventiveConfig(), "/swarm/init", False),
+    (
+        "swarm allowed by the switch",
+        Enforcement(True, "enforce"),
+        PreventiveConfig(allow_swarm=True),
+        "/swarm/init",
+        True,
+    ),
+    ("plugin refused", Enforcement(True, "enforce"), PreventiveConfig(), "/plugins/pull?name=x", False),
+    (
+        "named plugin allowed",
+        Enforcement(True, "enforce"),
+        PreventiveConfig(allow_plugins=("vieux/sshfs",)),
+        "/plugins/vieux/sshfs:latest/enable",
+        True,
+    ),
+    (
+        "another plugin refused",
+        Enforcement(True, "enforce"),
+        PreventiveConfig(allow_plugins=("vieux/sshfs",)),
+        "/plugins/imageguard/enable",
+        False,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("enforcement", "rules", "target", "allowed"),
+    [c[1:] for c in OPERATION_CASES],
+    ids=[c[0] for c in OPERATION_CASES],
+)
+def test_gate_operations(
+    enforcement: Enforcement, rules: PreventiveConfig, target: str, allowed: bool
+) -> None:
+    enforcer = FakeEnforcer(enforcement, ALLOWED)
+    answer = Gate(enforcer, rules).operation(classify("POST", target))  # type: ignore[arg-type]
+    assert answer.allow is allowed
+    assert enforcer.calls == []
+    if not allowed:
+        assert "[preventive]" in answer.msg
 
 
 # -- the server on a real Unix socket ---------------------------------------------------------------
