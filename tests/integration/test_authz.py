@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket as socket_mod
 import subprocess
 import tempfile
 import threading
@@ -130,7 +131,8 @@ def env(registry_plain: RegistryServer) -> Iterator[Env]:
             "engine": {"url": engine.url},
             "state": {"dir": str(root / "state")},
             "enforcement": {"stop_grace_seconds": 0, "verify_timeout_seconds": VERIFY_TIMEOUT},
-            "preventive": {"enabled": True, "socket": str(root / "plugin.sock")},
+            # builds are refused by default; this module builds its test images on the engine
+            "preventive": {"enabled": True, "socket": str(root / "plugin.sock"), "allow_build": True},
         },
         [registry_entry(registry_plain)],
     )
@@ -229,6 +231,97 @@ def test_unlisted_image_never_executes(env: Env) -> None:
     finally:
         cli(env.config, "allowlist", "remove", env.images[WRITER], check=True)
         env.wait_policy(lambda p: writer not in p.allowlist, "writer withdrawn")
+
+
+def raw_request(socket_path: Path, method: str, target: str, body: bytes = b"") -> tuple[int, bytes]:
+    """One HTTP/1.1 request on the engine's socket with the request target exactly as given."""
+    with socket_mod.socket(socket_mod.AF_UNIX, socket_mod.SOCK_STREAM) as s:
+        s.settimeout(30)
+        s.connect(str(socket_path))
+        head = f"{method} {target} HTTP/1.1\r\nHost: docker\r\nContent-Length: {len(body)}\r\n"
+        if body:
+            head += "Content-Type: application/json\r\n"
+        s.sendall(head.encode() + b"Connection: close\r\n\r\n" + body)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    status = int(data.split(b" ", 2)[1])
+    return status, data.partition(b"\r\n\r\n")[2]
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "http://docker/v1.41/containers/{name}/start",
+        "https://evil.example:1/containers/{name}/start",
+        "unix://x/v1.41/containers/{name}/restart",
+        "/v1.41/containers/{name}/start",
+        "/v1.41/containers/{name}%2Fstart",
+        "//v1.41/containers/{name}/start",
+    ],
+)
+def test_raw_start_in_any_request_form_never_executes(env: Env, target: str) -> None:
+    out = env.root / "out-raw"
+    out.mkdir(mode=0o777, exist_ok=True)
+    name = "raw-writer"
+    env.engine.docker("create", "--name", name, "-v", f"{out}:/out", WRITER)
+    status, body = raw_request(env.engine.socket, "POST", target.format(name=name))
+    assert list(out.iterdir()) == []
+    assert env.state(name, "{{.State.StartedAt}}") == NEVER_STARTED
+    if status == 301:  # dockerd's router redirects an uncleaned path: nothing was started
+        return
+    assert status == 403 and b"ImageGuard" in body, (status, body)
+    assert any(
+        r["container"]["name"] == name and r["trigger"] == "prevented" and r["verdict"] == "blocked"
+        for r in env.decisions()
+    )
+
+
+def test_unclassifiable_state_changing_request_is_refused(env: Env) -> None:
+    status, body = raw_request(env.engine.socket, "POST", "/v1.41/containers/x%zz/start")
+    assert status in (400, 403), body  # Go's server may refuse the broken escape before the plugin sees it
+    # dockerd answers routes it does not have itself (404); the plugin's refusal of targets it cannot
+    # classify guards routes a newer dockerd may add (tests/unit/core/test_api.py)
+    status, body = raw_request(env.engine.socket, "POST", "/v1.41/no-such-route")
+    assert status == 404, body
+    status, _ = raw_request(env.engine.socket, "GET", "/v1.41/containers/json")
+    assert status == 200  # reads pass
+
+
+def test_exec_into_and_copy_into_a_blocked_container_are_refused(env: Env) -> None:
+    # exec is judged on the container: an allowed running one passes, a blocked one cannot be written into
+    env.engine.docker("run", "-d", "--name", "ok-exec", ALLOWED)
+    assert env.engine.docker("exec", "ok-exec", "/bin/busybox", "true", check=False).returncode == 0
+    env.engine.docker("create", "--name", "blocked-cp", OTHER)
+    src = env.root / "planted"
+    src.write_text("#!/bin/busybox sh\n")
+    r = env.engine.docker("cp", str(src), "blocked-cp:/planted", check=False)
+    assert r.returncode != 0 and "ImageGuard" in r.stderr, r.stderr
+
+
+def test_plugins_swarm_and_builds_follow_the_switches(env: Env) -> None:
+    status, body = raw_request(
+        env.engine.socket, "POST", "/v1.41/plugins/pull?remote=evil/p&name=imageguard", b"[]"
+    )
+    assert status == 403 and b"managed plugin 'imageguard' is not allowed" in body, body
+    status, body = raw_request(env.engine.socket, "POST", "http://docker/v1.41/plugins/create?name=evil")
+    assert status == 403 and b"not allowed" in body, body
+    r = env.engine.docker("swarm", "init", "--advertise-addr", "127.0.0.1", check=False)
+    assert r.returncode != 0 and "swarm operations are refused" in r.stderr, r.stderr
+    r = env.engine.docker("service", "create", "--name", "s", ALLOWED, check=False)
+    assert r.returncode != 0, r.stdout
+    # builds: allowed by this module's configuration; refused once the switch is off
+    cfg = env.config.read_text()
+    env.stop_agent()
+    env.config.write_text(cfg.replace("allow_build = true", "allow_build = false"))
+    try:
+        env.start_agent()
+        with pytest.raises(RuntimeError, match="image builds are refused"):
+            env.engine.build_image("ig-az/built:1", "never")
+    finally:
+        env.stop_agent()
+        env.config.write_text(cfg)
+        env.start_agent()
 
 
 def test_allowed_and_signed_images_run(env: Env) -> None:
