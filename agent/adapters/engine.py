@@ -156,7 +156,12 @@ class Engine:
     # -- actions ---------------------------------------------------------------------------------
 
     def stop_and_remove(self, container_id: str, grace_seconds: int) -> str:
-        """Stop (grace, then SIGKILL) and remove. Returns 'removed' or 'vanished'."""
+        """Remove a container; with a grace period, stop it first (SIGTERM, SIGKILL after the grace).
+
+        Without one, ``remove --force`` sends SIGKILL at once, also to a paused container, which the
+        kernel kills where it stands: its processes execute no further instruction (``docker stop`` would
+        thaw it to deliver SIGTERM). Returns 'removed' or 'vanished'.
+        """
         c = self._client()
         try:
             if grace_seconds > 0:

@@ -128,6 +128,8 @@ class Enforcer:
         self._inflight: dict[tuple[Any, ...], Future[VerificationOutcome]] = {}
         #: container id -> (policy, time) of a start the authorization plugin just allowed
         self._authorized: dict[str, tuple[EffectivePolicy, float]] = {}
+        #: containers allowed at some point (bounded): only these get a grace period when they lose that
+        self._allowed_once: dict[str, None] = {}
         self._lock = threading.Lock()
         self._lanes = Lanes(lanes)
 
@@ -212,8 +214,30 @@ class Enforcer:
         if dry_run:
             return Handled(record, decision, facts)
         self._save(record)
-        self._act(facts, decision, action)
+        if decision.verdict == "allowed":
+            self._remember_allowed(facts.id)
+        self._act(facts, decision, action, 0 if paused else self._grace_for(facts.id, trigger))
         return Handled(record, decision, facts)
+
+    def _remember_allowed(self, container_id: str) -> None:
+        with self._lock:
+            self._allowed_once[container_id] = None
+            if len(self._allowed_once) > 16384:  # bounded: drop the oldest
+                del self._allowed_once[next(iter(self._allowed_once))]
+
+    def _grace_for(self, container_id: str, trigger: str) -> int:
+        """The stop grace period: only for a container that was allowed before and loses that (an allowlist
+        shrink, an anchor change), where a clean shutdown matters. What was never allowed is killed at once.
+        """
+        with self._lock:
+            known = container_id in self._allowed_once
+        if not known and trigger != "start":
+            try:  # a container allowed before the agent (re)started; a start event can never be one
+                last = self.store.last_decision_for(container_id)
+                known = last is not None and last.get("verdict") == "allowed"
+            except Exception:  # storage trouble never delays a kill: treat as never allowed
+                known = False
+        return self.settings.stop_grace_seconds if known else 0
 
     def _decide(self, container_id: str, policy: EffectivePolicy) -> tuple[ContainerFacts, Decision]:
         """Facts (image details may come from the cache) and the decision on them.
@@ -244,6 +268,7 @@ class Enforcer:
         record = self._record(decision, facts, policy, "prevented", action)
         self._save(record)
         if decision.verdict == "allowed":
+            self._remember_allowed(facts.id)
             with self._lock:
                 self._authorized[facts.id] = (policy, self.clock())
                 if len(self._authorized) > 4096:  # bounded: drop the oldest
@@ -293,11 +318,12 @@ class Enforcer:
             # the record is lost, the enforcement is not: acting is what protects the device
             log.exception("could not store decision %s", record["id"])
 
-    def _act(self, facts: ContainerFacts, decision: Decision, action: str) -> None:
+    def _act(self, facts: ContainerFacts, decision: Decision, action: str, grace: int) -> None:
         name = facts.name or facts.short_id
         if action == "remove":
             try:
-                outcome = self.engine.stop_and_remove(facts.id, self.settings.stop_grace_seconds)
+                # grace 0 kills at once; a paused (frozen) container is killed where it stands, never thawed
+                outcome = self.engine.stop_and_remove(facts.id, grace)
             except EngineError as exc:
                 log.error("could not remove blocked container %s: %s", name, exc)
                 return
