@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING, Any
 from agent import __version__
 from agent.adapters.engine import Engine
 from agent.adapters.store import Store
-from agent.adapters.wakeup import Listener
+from agent.adapters.wakeup import Listener, notify_agent
 from agent.config import Config
 from agent.control.service import Service
 from agent.core.decision import VerificationOutcome, VerifyTarget, rescan_reason
 from agent.core.facts import ContainerEvent
 from agent.errors import StateError
-from agent.runtime.enforcer import Enforcer, Verifier
+from agent.runtime.enforcer import Enforcer, Handled, Verifier
 from agent.runtime.instances import InstanceManager
 from agent.runtime.monitor import Monitor
 
@@ -312,3 +312,35 @@ class Agent:
             self._stopping.wait()
         finally:
             self.stop()
+
+
+# -- parts for one-shot commands (the CLI): built here too, so that nothing else wires the agent --------
+
+
+def policy_service(config: Config) -> Service:
+    """The policy service a CLI command edits through; it wakes the running agent after a change."""
+    store = Store(config.state_dir, outbox_limit=config.mqtt.outbox_limit if config.mqtt else 10_000)
+    return Service(
+        config, store, telemetry=config.mqtt is not None, on_change=lambda: notify_agent(config.state_dir)
+    )
+
+
+def scan_once(config: Config, *, dry_run: bool) -> list[Handled]:
+    """Decide on every container now, with an enforcer of its own (``imageguard scan``)."""
+    from agent.runtime.verification import build_verifier
+
+    service = policy_service(config)
+    enforcer = Enforcer(
+        Engine(config.engine.url, config.engine.timeout_seconds),
+        service.store,
+        service.effective(),
+        config.enforcement,
+        device=config.device.id,
+        verifier=build_verifier(config),
+        telemetry=config.mqtt is not None,
+    )
+    try:
+        return enforcer.scan(dry_run=dry_run)
+    finally:
+        enforcer.close()
+        service.store.close()

@@ -8,8 +8,6 @@ import time
 from typing import Any
 
 from agent import logs
-from agent.adapters.store import Store
-from agent.adapters.wakeup import notify_agent
 from agent.cli.common import EXIT_NEGATIVE, EXIT_OK, emit, json_flag, load_config, read_json_file
 from agent.config import Config
 from agent.control.service import ApplyResult, Service
@@ -90,12 +88,9 @@ def _positive(text: str) -> int:
 
 
 def _service(cfg: Config) -> Service:
-    store = Store(cfg.state_dir, outbox_limit=cfg.mqtt.outbox_limit if cfg.mqtt else 10_000)
+    from agent.app import policy_service
 
-    def wake_agent() -> None:
-        notify_agent(cfg.state_dir)
-
-    return Service(cfg, store, telemetry=cfg.mqtt is not None, on_change=wake_agent)
+    return policy_service(cfg)
 
 
 def _applied_text(r: ApplyResult) -> str:
@@ -123,26 +118,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
-    cfg = load_config(args)
-    from agent.adapters.engine import Engine
-    from agent.runtime.enforcer import Enforcer
-    from agent.runtime.verification import build_verifier
+    from agent.app import scan_once
 
-    service = _service(cfg)
-    engine = Engine(cfg.engine.url, cfg.engine.timeout_seconds)
-    enforcer = Enforcer(
-        engine,
-        service.store,
-        service.effective(),
-        cfg.enforcement,
-        device=cfg.device.id,
-        verifier=build_verifier(cfg),
-        telemetry=cfg.mqtt is not None,
-    )
-    try:
-        results = enforcer.scan(dry_run=args.dry_run)
-    finally:
-        enforcer.close()
+    results = scan_once(load_config(args), dry_run=args.dry_run)
     records = [r.record for r in results]
     not_allowed = [r for r in records if r["verdict"] != "allowed"]
 

@@ -11,7 +11,6 @@ import time
 import uuid
 from typing import Any
 
-from agent.adapters.store import Store
 from agent.adapters.wakeup import notify_agent
 from agent.cli.common import EXIT_ERROR, EXIT_NEGATIVE, EXIT_OK, emit, json_flag, load_config, read_json_file
 from agent.config import Config
@@ -53,8 +52,9 @@ def register(sub: Any) -> None:
 
 
 def _service(cfg: Config) -> Service:
-    store = Store(cfg.state_dir, outbox_limit=cfg.mqtt.outbox_limit if cfg.mqtt else 10_000)
-    return Service(cfg, store, telemetry=cfg.mqtt is not None, on_change=lambda: notify_agent(cfg.state_dir))
+    from agent.app import policy_service
+
+    return policy_service(cfg)
 
 
 def _applied(results: list[tuple[str, ApplyResult]]) -> str:

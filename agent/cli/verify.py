@@ -11,6 +11,7 @@ from typing import Any
 
 from agent.cli.common import EXIT_NEGATIVE, EXIT_OK, emit, json_flag, load_config
 from agent.config import Config, RegistryConfig
+from agent.control.service import Service
 from agent.core.anchors import Identity, TrustAnchor
 from agent.core.imageref import ImageRef
 from agent.errors import InputError, NotFound
@@ -273,10 +274,10 @@ def cmd_generate_key_pair(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _service(args: argparse.Namespace) -> Any:
-    from agent.cli.agent import _service as make
+def _service(args: argparse.Namespace) -> Service:
+    from agent.app import policy_service
 
-    return make(load_config(args))
+    return policy_service(load_config(args))
 
 
 def cmd_anchors_list(args: argparse.Namespace) -> int:
