@@ -20,7 +20,7 @@ from agent.core.decision import VerifiedDigest
 from agent.core.digest import Digest
 from agent.core.instances import InstanceState
 from agent.core.policy import DEVICE_LAYER, PolicyLayer
-from agent.core.records import OutboxMessage
+from agent.core.records import DecisionRecord, OutboxMessage
 from agent.errors import StateError
 
 SCHEMA_VERSION = 1
@@ -199,22 +199,22 @@ class Store:
 
     # -- decisions and outbox --------------------------------------------------------------------
 
-    def record_decision(self, record: dict[str, Any], telemetry: Iterable[OutboxMessage] = ()) -> None:
+    def record_decision(self, record: DecisionRecord, telemetry: Iterable[OutboxMessage] = ()) -> None:
         """Store a decision and its telemetry messages in one transaction."""
         with self.transaction() as tx:
             tx.execute(
                 "INSERT INTO decisions (id, time, container_id, verdict, reason, record) VALUES (?,?,?,?,?,?)",
                 (
-                    record["id"],
-                    record["time"],
-                    record["container"]["id"],
-                    record["verdict"],
-                    record["reason"],
-                    json.dumps(record, sort_keys=True),
+                    record.id,
+                    record.time,
+                    record.container_id,
+                    record.verdict,
+                    record.reason.value,
+                    json.dumps(record.to_dict(), sort_keys=True),
                 ),
             )
             for msg in telemetry:
-                self.enqueue(tx, msg, record["time"])
+                self.enqueue(tx, msg, record.time)
             self._inserts += 1
             if self._inserts % 1000 == 0:
                 tx.execute(

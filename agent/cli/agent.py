@@ -122,12 +122,12 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
     results = scan_once(load_config(args), dry_run=args.dry_run)
     records = [r.record for r in results]
-    not_allowed = [r for r in records if r["verdict"] != "allowed"]
+    not_allowed = [r for r in records if not r.allowed]
 
     def text() -> str:
         lines = [
-            f"{r['verdict'] or 'needs-verification':<18} {r['container']['name'][:30]:<30} {r['image'][:40]:<40} "
-            f"{r['reason']}"
+            f"{r.verdict or 'needs-verification':<18} {r.container_name[:30]:<30} {r.image[:40]:<40} "
+            f"{r.reason.value}"
             for r in records
         ]
         head = "dry run: nothing was changed\n" if args.dry_run else ""
@@ -137,7 +137,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
             + f"\n{len(not_allowed)} of {len(records)} not allowed"
         )
 
-    emit(args, {"dry_run": args.dry_run, "decisions": records}, text)
+    emit(args, {"dry_run": args.dry_run, "decisions": [r.to_dict() for r in records]}, text)
     return EXIT_NEGATIVE if not_allowed else EXIT_OK
 
 

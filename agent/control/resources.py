@@ -301,8 +301,8 @@ def exec_scan(ctx: ControlContext, req: Request) -> Response:
         results = enforcer.scan(dry_run=dry_run, trigger="mqtt")
     except EngineError as exc:
         raise ControlError(500, f"scan failed: {exc.message}") from None
-    records = [r.record for r in results]
-    allowed = sum(1 for r in records if r["verdict"] == "allowed")
+    records = [r.record.to_dict() for r in results]
+    allowed = sum(1 for r in results if r.record.allowed)
     return Response.of_json(
         {
             "dry_run": dry_run,

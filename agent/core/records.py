@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from agent.core.decision import Decision
+from agent.core.decision import Decision, Verdict
 from agent.core.facts import ContainerFacts
 from agent.core.policy import EffectivePolicy
+from agent.errors import Code, InputError
 
 #: outbox priorities: when the outbox is full the highest number goes first (alerts are kept longest)
 PRIORITY_ALERT = 0
@@ -41,6 +42,93 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
+@dataclass(frozen=True, slots=True)
+class DecisionRecord:
+    """One decision on one container, as stored and as published on ``.../verdicts``.
+
+    :meth:`to_dict` is its one serializer (``schemas/decision.schema.json``); :meth:`from_dict` reads a
+    stored one back and raises ``InputError`` on a row that is not one.
+    """
+
+    id: str
+    time: str
+    device: str
+    container_id: str
+    container_name: str
+    image: str
+    image_id: str | None
+    digests: tuple[str, ...]
+    verdict: Verdict | None
+    reason: Code
+    detail: str
+    policy_version: int
+    policy_layers: tuple[tuple[str, int], ...]
+    mode: str
+    trigger: str
+    action: str
+    matched_digest: str | None = None
+    anchor: str | None = None
+
+    @property
+    def allowed(self) -> bool:
+        return self.verdict == "allowed"
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": self.id,
+            "time": self.time,
+            "device": self.device,
+            "container": {"id": self.container_id, "name": self.container_name},
+            "image": self.image,
+            "image_id": self.image_id,
+            "digests": list(self.digests),
+            "verdict": self.verdict,
+            "reason": self.reason.value,
+            "detail": self.detail,
+            "policy_version": self.policy_version,
+            "policy_layers": dict(self.policy_layers),
+            "mode": self.mode,
+            "trigger": self.trigger,
+            "action": self.action,
+        }
+        if self.matched_digest is not None:
+            out["matched_digest"] = self.matched_digest
+        if self.anchor is not None:
+            out["anchor"] = self.anchor
+        return out
+
+    def alert(self) -> dict[str, Any]:
+        """The ``.../alerts`` message for a blocked (or would-be-blocked) container: the record, re-identified."""
+        return dict(self.to_dict(), id=new_id(), alert="container-blocked", decision_id=self.id)
+
+    @classmethod
+    def from_dict(cls, doc: Any) -> DecisionRecord:
+        try:
+            container = doc["container"]
+            return cls(
+                id=str(doc["id"]),
+                time=str(doc["time"]),
+                device=str(doc.get("device", "")),
+                container_id=str(container["id"]),
+                container_name=str(container.get("name", "")),
+                image=str(doc.get("image", "")),
+                image_id=doc.get("image_id"),
+                digests=tuple(str(d) for d in doc.get("digests", ())),
+                verdict=doc["verdict"],
+                reason=Code(doc["reason"]),
+                detail=str(doc.get("detail", "")),
+                policy_version=int(doc.get("policy_version", 0)),
+                policy_layers=tuple((str(k), int(v)) for k, v in dict(doc.get("policy_layers", {})).items()),
+                mode=str(doc.get("mode", "")),
+                trigger=str(doc.get("trigger", "")),
+                action=str(doc.get("action", "")),
+                matched_digest=doc.get("matched_digest"),
+                anchor=doc.get("anchor"),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise InputError(f"not a decision record: {exc!r}") from None
+
+
 def decision_record(
     decision: Decision,
     facts: ContainerFacts,
@@ -50,39 +138,36 @@ def decision_record(
     trigger: str,
     action: str,
     now: float | None = None,
-) -> dict[str, Any]:
-    record: dict[str, Any] = {
-        "id": new_id(),
-        "time": utc_now(now),
-        "device": device,
-        "container": {"id": facts.id, "name": facts.name},
-        "image": facts.image,
-        "image_id": str(facts.image_id) if facts.image_id else None,
-        "digests": [str(d) for d in decision.digests],
-        "verdict": decision.verdict,
-        "reason": decision.reason.value,
-        "detail": decision.detail,
-        "policy_version": policy.version,
-        "policy_layers": dict(policy.versions),
-        "mode": policy.enforcement.mode,
-        "trigger": trigger,
-        "action": action,
-    }
-    if decision.matched is not None:
-        record["matched_digest"] = str(decision.matched)
-    if decision.anchor is not None:
-        record["anchor"] = decision.anchor
-    return record
+) -> DecisionRecord:
+    return DecisionRecord(
+        id=new_id(),
+        time=utc_now(now),
+        device=device,
+        container_id=facts.id,
+        container_name=facts.name,
+        image=facts.image,
+        image_id=str(facts.image_id) if facts.image_id else None,
+        digests=tuple(str(d) for d in decision.digests),
+        verdict=decision.verdict,
+        reason=decision.reason,
+        detail=decision.detail,
+        policy_version=policy.version,
+        policy_layers=tuple(policy.versions.items()),
+        mode=policy.enforcement.mode,
+        trigger=trigger,
+        action=action,
+        matched_digest=str(decision.matched) if decision.matched is not None else None,
+        anchor=decision.anchor,
+    )
 
 
-def decision_telemetry(record: dict[str, Any]) -> list[OutboxMessage]:
+def decision_telemetry(record: DecisionRecord) -> list[OutboxMessage]:
     """A verdict message for every decision, plus an alert for every blocked or would-be-blocked one."""
-    if record["verdict"] == "allowed":
-        return [OutboxMessage("verdicts", record, PRIORITY_ALLOWED_VERDICT)]
-    alert = dict(record, id=new_id(), alert="container-blocked", decision_id=record["id"])
+    if record.allowed:
+        return [OutboxMessage("verdicts", record.to_dict(), PRIORITY_ALLOWED_VERDICT)]
     return [
-        OutboxMessage("verdicts", record, PRIORITY_BLOCKED_VERDICT),
-        OutboxMessage("alerts", alert, PRIORITY_ALERT),
+        OutboxMessage("verdicts", record.to_dict(), PRIORITY_BLOCKED_VERDICT),
+        OutboxMessage("alerts", record.alert(), PRIORITY_ALERT),
     ]
 
 

@@ -33,7 +33,7 @@ from agent.core.decision import (
 from agent.core.digest import Digest
 from agent.core.facts import ContainerFacts
 from agent.core.policy import EffectivePolicy
-from agent.core.records import decision_record, decision_telemetry
+from agent.core.records import DecisionRecord, decision_record, decision_telemetry
 from agent.errors import Code, EngineError, ImageGuardError
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ class Verifier(Protocol):
 class Handled:
     """The result of handling one container (what the CLI prints for a scan)."""
 
-    record: dict[str, Any]
+    record: DecisionRecord
     decision: Decision
     facts: ContainerFacts
 
@@ -306,17 +306,17 @@ class Enforcer:
 
     def _record(
         self, decision: Decision, facts: ContainerFacts, policy: EffectivePolicy, trigger: str, action: str
-    ) -> dict[str, Any]:
+    ) -> DecisionRecord:
         return decision_record(
             decision, facts, policy, device=self.device, trigger=trigger, action=action, now=self.clock()
         )
 
-    def _save(self, record: dict[str, Any]) -> None:
+    def _save(self, record: DecisionRecord) -> None:
         try:
             self.store.record_decision(record, decision_telemetry(record) if self.telemetry else ())
         except Exception:
             # the record is lost, the enforcement is not: acting is what protects the device
-            log.exception("could not store decision %s", record["id"])
+            log.exception("could not store decision %s", record.id)
 
     def _act(self, facts: ContainerFacts, decision: Decision, action: str, grace: int) -> None:
         name = facts.name or facts.short_id

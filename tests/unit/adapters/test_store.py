@@ -13,7 +13,6 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -26,6 +25,7 @@ from agent.core.records import (
     PRIORITY_ALLOWED_VERDICT,
     PRIORITY_BLOCKED_VERDICT,
     PRIORITY_POLICY,
+    DecisionRecord,
     OutboxMessage,
 )
 from agent.errors import StateError
@@ -46,14 +46,16 @@ def store(state_dir: Path) -> Iterator[Store]:
     s.close()
 
 
-def record(n: int, verdict: str = "allowed", container: str = "c1") -> dict[str, Any]:
-    return {
-        "id": f"dec-{n}",
-        "time": NOW,
-        "container": {"id": container, "name": "web"},
-        "verdict": verdict,
-        "reason": "allowlisted" if verdict == "allowed" else "not-allowlisted",
-    }
+def record(n: int, verdict: str = "allowed", container: str = "c1") -> DecisionRecord:
+    return DecisionRecord.from_dict(
+        {
+            "id": f"dec-{n}",
+            "time": NOW,
+            "container": {"id": container, "name": "web"},
+            "verdict": verdict,
+            "reason": "allowlisted" if verdict == "allowed" else "not-allowlisted",
+        }
+    )
 
 
 def msg(kind: str, priority: int, n: int) -> OutboxMessage:
@@ -383,7 +385,7 @@ CHILD = textwrap.dedent(
     import sys
     from pathlib import Path
     from agent.adapters.store import Store
-    from agent.core.records import OutboxMessage
+    from agent.core.records import DecisionRecord, OutboxMessage
 
     store = Store(Path(sys.argv[1]), outbox_limit=1_000_000)
     prefix = sys.argv[2]
@@ -391,8 +393,8 @@ CHILD = textwrap.dedent(
     while True:
         rid = f"{prefix}-{n}"
         verdict = "blocked" if n % 2 else "allowed"
-        rec = {"id": rid, "time": "t", "container": {"id": "c"}, "verdict": verdict, "reason": "r",
-               "pad": "x" * (n % 5000)}
+        rec = DecisionRecord.from_dict({"id": rid, "time": "t", "container": {"id": "c"}, "verdict": verdict,
+                                        "reason": "allowlisted", "detail": "x" * (n % 5000)})
         msgs = [OutboxMessage("verdicts", {"id": rid}, 3 if verdict == "allowed" else 2)]
         if verdict == "blocked":
             msgs.append(OutboxMessage("alerts", {"id": rid + "-alert", "decision_id": rid}, 0))

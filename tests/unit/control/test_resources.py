@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from agent.adapters.mqtt.kurapayload import KuraMessage, MetricValue, encode_protobuf
+from agent.core.records import DecisionRecord
 from agent.core.schemas import load_schema, validate
 from agent.errors import SchemaError
 from tests.support.control import Harness, T
@@ -167,7 +168,7 @@ def test_status_and_decision_pages(h: Harness) -> None:
             "verdict": "blocked",
             "reason": "not-allowlisted",
         }
-        h.store.record_decision(record)
+        h.store.record_decision(DecisionRecord.from_dict(record))
     status = h.ok("get-status.reply", "GET", "status")
     assert status["decisions"] == 5 and status["device"] == "dev-1" and status["groups"] == ["g1"]
     assert status["engine"]["reachable"] is False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import pytest
 
@@ -16,13 +17,15 @@ from agent.core.records import (
     PRIORITY_ALLOWED_VERDICT,
     PRIORITY_BLOCKED_VERDICT,
     PRIORITY_POLICY,
+    DecisionRecord,
     decision_record,
     decision_telemetry,
     new_id,
     policy_event,
     utc_now,
 )
-from agent.errors import Code
+from agent.core.schemas import validate
+from agent.errors import Code, InputError
 
 REPO_D = Digest.of(b"manifest")
 IMAGE_ID = Digest.of(b"config")
@@ -53,8 +56,8 @@ def test_ids_are_unique() -> None:
 def test_decision_record() -> None:
     d = Decision("allowed", Code.SIGNATURE_VERIFIED, "ok", FACTS.digests, matched=REPO_D, anchor="acme")
     rec = decision_record(d, FACTS, POLICY, device="edge-1", trigger="event", action="none", now=0)
-    assert rec == {
-        "id": rec["id"],
+    assert rec.to_dict() == {
+        "id": rec.id,
         "time": "1970-01-01T00:00:00.000Z",
         "device": "edge-1",
         "container": {"id": FACTS.id, "name": "web"},
@@ -73,16 +76,16 @@ def test_decision_record() -> None:
         "anchor": "acme",
     }
     other = decision_record(d, FACTS, POLICY, device="edge-1", trigger="event", action="none", now=0)
-    assert other["id"] != rec["id"]
+    assert other.id != rec.id
 
 
 def test_decision_record_without_match() -> None:
     facts = ContainerFacts(id="c", name="n", image="x", image_id=None)
     d = Decision("blocked", Code.NO_DIGEST, "none", ())
     rec = decision_record(d, facts, POLICY, device="e", trigger="scan", action="removed")
-    assert rec["image_id"] is None
-    assert rec["digests"] == []
-    assert "matched_digest" not in rec and "anchor" not in rec
+    assert rec.image_id is None
+    assert rec.digests == ()
+    assert "matched_digest" not in rec.to_dict() and "anchor" not in rec.to_dict()
 
 
 def test_allowed_decision_gives_one_verdict() -> None:
@@ -95,7 +98,7 @@ def test_allowed_decision_gives_one_verdict() -> None:
         action="none",
     )
     (m,) = decision_telemetry(rec)
-    assert (m.kind, m.priority, m.message) == ("verdicts", PRIORITY_ALLOWED_VERDICT, rec)
+    assert (m.kind, m.priority, m.message) == ("verdicts", PRIORITY_ALLOWED_VERDICT, rec.to_dict())
 
 
 @pytest.mark.parametrize("verdict", ["blocked", "would-block"])
@@ -106,16 +109,16 @@ def test_negative_decision_gives_a_verdict_and_an_alert(verdict: str) -> None:
     assert (verdict_msg.kind, verdict_msg.priority, verdict_msg.message) == (
         "verdicts",
         PRIORITY_BLOCKED_VERDICT,
-        rec,
+        rec.to_dict(),
     )
     assert (alert.kind, alert.priority) == ("alerts", PRIORITY_ALERT)
     assert alert.message["alert"] == "container-blocked"
-    assert alert.message["decision_id"] == rec["id"]
-    assert alert.message["id"] != rec["id"]
+    assert alert.message["decision_id"] == rec.id
+    assert alert.message["id"] != rec.id
     assert {k: v for k, v in alert.message.items() if k not in ("id", "alert", "decision_id")} == {
-        k: v for k, v in rec.items() if k != "id"
+        k: v for k, v in rec.to_dict().items() if k != "id"
     }
-    assert "alert" not in rec  # the record itself is not changed
+    assert "alert" not in rec.to_dict()  # the record itself is not changed
 
 
 def test_policy_event() -> None:
@@ -147,3 +150,30 @@ def test_policy_event() -> None:
         device="e", layer="group:g", version=1, status="applied", policy_version=0, source="mqtt"
     )
     assert "reason" not in applied.message and "detail" not in applied.message
+
+
+def test_decision_record_round_trips_and_matches_its_schema() -> None:
+    for d in (
+        Decision("allowed", Code.SIGNATURE_VERIFIED, "ok", FACTS.digests, matched=REPO_D, anchor="acme"),
+        Decision("blocked", Code.NOT_ALLOWLISTED, "no entry", FACTS.digests),
+        Decision(None, Code.NOT_ALLOWLISTED, "would be verified", FACTS.digests),
+    ):
+        rec = decision_record(d, FACTS, POLICY, device="e", trigger="scan", action="none", now=0)
+        validate(rec.to_dict(), "decision", "decision record")
+        assert DecisionRecord.from_dict(rec.to_dict()) == rec
+        validate(
+            {k: v for k, v in rec.alert().items() if k not in ("alert", "decision_id")}, "decision", "alert"
+        )
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        {},
+        {"id": "x"},
+        {"id": "x", "time": "t", "container": {"id": "c"}, "verdict": "allowed", "reason": "?"},
+    ],
+)
+def test_a_row_that_is_no_decision_record_is_refused(row: dict[str, Any]) -> None:
+    with pytest.raises(InputError, match="not a decision record"):
+        DecisionRecord.from_dict(row)

@@ -128,7 +128,7 @@ def test_authorize_records_like_the_monitor(
         e.close()
     assert handled.decision.verdict == verdict and handled.decision.reason == reason
     (_, saved), *_ = store.decisions(10)
-    assert saved == handled.record
+    assert saved == handled.record.to_dict()
     validate(saved, "decision", "decision record")
     assert (saved["trigger"], saved["action"], saved["verdict"]) == ("prevented", action, verdict)
     kinds = [m.kind for m in store.outbox_peek()]
@@ -156,7 +156,7 @@ def test_slow_verification_is_refused_at_the_timeout_and_cached_later(store: Sto
         waited = time.monotonic() - t0
         assert first.decision.verdict == "blocked"
         assert first.decision.reason == Code.VERIFICATION_TIMEOUT
-        assert first.record["action"] == "deny"
+        assert first.record.action == "deny"
         assert 0.2 <= waited < 0.9, waited  # did not wait for the verifier
         # the verification runs on; its result lets the next start through without verifying again
         assert verifier.done.wait(5)
@@ -180,7 +180,7 @@ def test_fast_verification_allows(store: Store) -> None:
     finally:
         e.close()
     assert handled.decision.reason == Code.SIGNATURE_VERIFIED
-    assert handled.record["anchor"] == "acme" and handled.record["action"] == "none"
+    assert handled.record.anchor == "acme" and handled.record.action == "none"
 
 
 def test_without_a_verifier_a_covered_image_is_refused(store: Store) -> None:
@@ -201,7 +201,7 @@ def test_monitor_skips_a_start_just_allowed_under_the_same_policy(store: Store) 
         assert e.handle("listed", "start") is None  # the start event of the allowed start
         assert FakeEngine.lookups == before
         again = e.handle("listed", "start")  # consumed: a later start (restart policy) is decided again
-        assert again is not None and again.record["trigger"] == "start"
+        assert again is not None and again.record.trigger == "start"
         e.authorize("listed")
         e.set_policy(policy())  # a new policy: the earlier answer no longer stands
         assert e.handle("listed", "start") is not None
