@@ -27,6 +27,7 @@ class Code(StrEnum):
     CONTROL_ERROR = "control-error"
     CREDENTIALS_MISSING = "credentials-missing"
     DIGEST_MISMATCH = "digest-mismatch"
+    DISABLED = "disabled"
     ENFORCEMENT_DISABLED = "enforcement-disabled"
     ENGINE_ERROR = "engine-error"
     ENGINE_UNAVAILABLE = "engine-unavailable"

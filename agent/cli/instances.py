@@ -15,6 +15,7 @@ from agent.adapters.wakeup import notify_agent
 from agent.cli.common import EXIT_ERROR, EXIT_NEGATIVE, EXIT_OK, emit, json_flag, load_config, read_json_file
 from agent.config import Config
 from agent.control.service import ApplyResult, Service
+from agent.core.instances import UpdateOutcome
 from agent.core.policy import DEVICE_LAYER
 from agent.errors import InputError, StateError
 
@@ -167,10 +168,9 @@ def cmd_update(args: argparse.Namespace) -> int:
     while time.monotonic() < deadline:
         state = service.store.instance_states().get(args.name)
         last = state.last_update if state is not None else None
-        if last is not None and last.get("id") == ticket:
-            outcome = dict(last)
-            emit(args, {"name": args.name, **outcome}, _update_text(args.name, outcome))
-            return EXIT_OK if outcome.get("result") in ("updated", "unchanged") else EXIT_NEGATIVE
+        if last is not None and last.id == ticket:
+            emit(args, {"name": args.name, **last.to_dict()}, _update_text(args.name, last))
+            return EXIT_OK if last.succeeded else EXIT_NEGATIVE
         time.sleep(0.2)
     emit(
         args, {"name": args.name, "result": "in-progress"}, f"instance {args.name}: update still in progress"
@@ -178,10 +178,10 @@ def cmd_update(args: argparse.Namespace) -> int:
     return EXIT_ERROR
 
 
-def _update_text(name: str, outcome: dict[str, Any]) -> str:
-    result = outcome.get("result")
-    if result == "updated":
-        return f"instance {name}: updated to {outcome.get('digest')}"
-    if result == "unchanged":
-        return f"instance {name}: up to date ({outcome.get('digest')})"
-    return f"instance {name}: update {result} ({outcome.get('reason')}): {outcome.get('detail', '')}"
+def _update_text(name: str, outcome: UpdateOutcome) -> str:
+    if outcome.result == "updated":
+        return f"instance {name}: updated to {outcome.digest}"
+    if outcome.result == "unchanged":
+        return f"instance {name}: up to date ({outcome.digest})"
+    reason = outcome.reason.value if outcome.reason else "unknown"
+    return f"instance {name}: update {outcome.result} ({reason}): {outcome.detail or ''}"

@@ -130,7 +130,7 @@ def control_routes(
         result = m.request_update(name).wait(update_timeout)
         if result is None:
             return Response.of_json({"name": name, "result": "in-progress"}, status=200)
-        return Response.of_json({"name": name, **result})
+        return Response.of_json({"name": name, **result.to_dict()})
 
     return {
         ("GET", ("instances",)): get_all,

@@ -354,6 +354,48 @@ def docker_create_args(spec: InstanceSpec, digest: Digest) -> tuple[dict[str, An
 # ---- stored state -------------------------------------------------------------------------------------
 
 
+UpdateResult = Literal["updated", "unchanged", "failed", "rejected"]
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateOutcome:
+    """The outcome of an update request or a periodic tag check (``last_update`` of an instance)."""
+
+    id: str | None  # the request's ticket, or "periodic"
+    time: str
+    result: UpdateResult
+    digest: str | None = None
+    previous: str | None = None
+    reason: Code | None = None
+    detail: str | None = None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.result in ("updated", "unchanged")
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.id, "time": self.time, "result": self.result}
+        for key in ("digest", "previous", "detail"):
+            if (value := getattr(self, key)) is not None:
+                out[key] = value
+        if self.reason is not None:
+            out["reason"] = self.reason.value
+        return out
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> UpdateOutcome:
+        reason = doc.get("reason")
+        return cls(
+            id=doc.get("id"),
+            time=str(doc.get("time", "")),
+            result=doc["result"],
+            digest=doc.get("digest"),
+            previous=doc.get("previous"),
+            reason=Code(reason) if reason is not None else None,
+            detail=doc.get("detail"),
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class InstanceState:
     """What the agent knows about one instance (the ``instances`` table: Kura's snapshot of pins)."""
@@ -370,7 +412,7 @@ class InstanceState:
     container_id: str | None = None
     updated_at: str = ""
     #: outcome of the last update request or periodic check
-    last_update: Mapping[str, Any] | None = None
+    last_update: UpdateOutcome | None = None
     #: epoch seconds of the last tag check (periodic updates)
     last_check: float = 0.0
 
@@ -380,7 +422,7 @@ class InstanceState:
             "detail": self.detail,
             "pin_key": self.pin_key,
             "attempt_key": self.attempt_key,
-            "last_update": dict(self.last_update) if self.last_update is not None else None,
+            "last_update": self.last_update.to_dict() if self.last_update is not None else None,
             "last_check": self.last_check,
         }
 
@@ -406,7 +448,7 @@ class InstanceState:
             attempt_key=m.get("attempt_key"),
             container_id=container_id,
             updated_at=updated_at,
-            last_update=m.get("last_update"),
+            last_update=UpdateOutcome.from_dict(m["last_update"]) if m.get("last_update") else None,
             last_check=float(m.get("last_check") or 0.0),
         )
 
@@ -423,7 +465,7 @@ class InstanceState:
         if self.detail:
             out["detail"] = self.detail
         if self.last_update is not None:
-            out["last_update"] = dict(self.last_update)
+            out["last_update"] = self.last_update.to_dict()
         return out
 
 

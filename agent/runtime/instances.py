@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -36,6 +36,8 @@ from agent.core.instances import (
     Observed,
     ObservedContainer,
     Step,
+    UpdateOutcome,
+    UpdateResult,
     current_pin_key,
     docker_create_args,
     next_check,
@@ -96,9 +98,9 @@ class Ticket:
     name: str
     id: str
     done: threading.Event
-    result: Mapping[str, Any] | None = None
+    result: UpdateOutcome | None = None
 
-    def wait(self, timeout: float) -> Mapping[str, Any] | None:
+    def wait(self, timeout: float) -> UpdateOutcome | None:
         self.done.wait(timeout)
         return self.result
 
@@ -208,14 +210,25 @@ class InstanceManager:
             explicit = tickets.get(name, [])
             wanted = bool(explicit) or (spec is not None and update_due(spec, states.get(name), now))
             state = self._reconcile_one(name, spec, states.get(name), policy, wanted, explicit)
-            if explicit and state is not None and (state.last_update or {}).get("id") != explicit[-1].id:
+            answered = (
+                state is not None
+                and state.last_update is not None
+                and state.last_update.id == explicit[-1].id
+                if explicit
+                else True
+            )
+            if explicit and state is not None and not answered:
                 # nothing was resolved (disabled, or removed meanwhile): the asker still gets an answer
-                why = "disabled" if spec is not None and not spec.enabled else "not-found"
-                outcome = {"result": "failed", "reason": why, "detail": f"instance {name} is {why}"}
-                state = self._set(name, spec, state, last_update=_outcome(explicit[-1].id, outcome))
+                why = Code.DISABLED if spec is not None and not spec.enabled else Code.NOT_FOUND
+                outcome = UpdateOutcome(
+                    explicit[-1].id, utc_now(), "failed", reason=why, detail=f"instance {name} is {why.value}"
+                )
+                state = self._set(name, spec, state, last_update=outcome)
             for t in explicit:
                 t.result = (
-                    state.last_update if state is not None else {"result": "failed", "reason": "not-found"}
+                    state.last_update
+                    if state is not None
+                    else UpdateOutcome(t.id, utc_now(), "failed", reason=Code.NOT_FOUND)
                 )
                 t.done.set()
 
@@ -431,8 +444,8 @@ class InstanceManager:
                 digest = client.resolve(spec.image)
                 if have_pin and digest == old:
                     log.info("instance %s: %s still resolves to the pinned %s", name, spec.image, digest)
-                    outcome = {"result": "unchanged", "digest": str(digest)}
-                    return self._set(name, spec, state, last_update=_outcome(ticket, outcome), last_check=now)
+                    outcome = UpdateOutcome(ticket, utc_now(), "unchanged", digest=str(digest))
+                    return self._set(name, spec, state, last_update=outcome, last_check=now)
                 self._vouch(spec, digest, anchor, client, state, have_pin)
         except RegistryUnreachable as exc:
             failure = InstanceFailure(
@@ -458,9 +471,10 @@ class InstanceManager:
             # the old container goes before its digest is withdrawn: the rescan that follows finds nothing
             # of ours to block
             self._remove_quietly(name, spec)
-        outcome = {"result": "updated", "digest": str(digest)}
+        outcome = UpdateOutcome(
+            ticket, utc_now(), "updated", digest=str(digest), previous=str(old) if old is not None else None
+        )
         if old is not None:
-            outcome["previous"] = str(old)
             log.info("instance %s: updated from %s to %s", name, old, digest)
         else:
             log.info("instance %s: pinned %s@%s", name, spec.repository, digest)
@@ -473,9 +487,7 @@ class InstanceManager:
             attempt_key=None,
             reason=None,
             detail="",
-            last_update=_outcome(ticket, outcome)
-            if ticket or old
-            else (state.last_update if state else None),
+            last_update=outcome if ticket or old else (state.last_update if state else None),
             last_check=now,
         )
         self.on_pins_changed()  # the enforcer must allow the new digest before its container starts
@@ -577,9 +589,7 @@ class InstanceManager:
             delay = min(RETRY_MAX_SECONDS, self._backoff.get(name, RETRY_MIN_SECONDS / 2) * 2)
             self._backoff[name] = delay
             self._retry_at[name] = self.clock() + delay
-        last = _outcome(
-            ticket, {"result": "failed", "reason": failure.reason.value, "detail": failure.detail}
-        )
+        last = UpdateOutcome(ticket, utc_now(), "failed", reason=failure.reason, detail=failure.detail)
         return self._set(
             name,
             spec,
@@ -603,7 +613,7 @@ class InstanceManager:
         """An update did not go through: the pinned digest and its container stay; say why."""
         assert state is not None
         rejected = failure.reason in (Code.SIGNATURE_INVALID, Code.DIGEST_MISMATCH)
-        result = "rejected" if rejected else "failed"
+        result: UpdateResult = "rejected" if rejected else "failed"
         log.warning(
             "instance %s: update %s (%s), keeping %s: %s",
             spec.name,
@@ -616,14 +626,14 @@ class InstanceManager:
             self.service.queue_telemetry([self._alert(spec, state, failure)])
         elif failure.reason in RETRYABLE and ticket == "periodic":
             pass  # the next periodic check retries
-        outcome = {"result": result, "reason": failure.reason.value, "detail": failure.detail}
+        outcome = UpdateOutcome(ticket, utc_now(), result, reason=failure.reason, detail=failure.detail)
         return self._set(
             spec.name,
             spec,
             state,
             reason=Code.UPDATE_REJECTED.value if rejected else state.reason,
             detail=failure.detail if rejected else state.detail,
-            last_update=_outcome(ticket, outcome),
+            last_update=outcome,
             last_check=now,
         )
 
@@ -647,10 +657,6 @@ class InstanceManager:
             },
             PRIORITY_ALERT,
         )
-
-
-def _outcome(ticket: str | None, outcome: dict[str, Any]) -> dict[str, Any]:
-    return {"id": ticket, "time": utc_now(), **outcome}
 
 
 def _raise(failure: InstanceFailure) -> InstanceState:

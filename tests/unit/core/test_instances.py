@@ -20,6 +20,7 @@ from agent.core.instances import (
     Observed,
     ObservedContainer,
     Step,
+    UpdateOutcome,
     container_config,
     current_pin_key,
     docker_create_args,
@@ -30,6 +31,7 @@ from agent.core.instances import (
     update_due,
 )
 from agent.core.policy import EffectivePolicy, Enforcement, PolicyLayer
+from agent.core.schemas import validate
 from agent.errors import Code, PolicyError, SchemaError
 
 D1, D2, D3 = (Digest.of(bytes([i])) for i in range(3))
@@ -337,11 +339,33 @@ def test_state_row_round_trip() -> None:
         pin_key="k",
         container_id="c1",
         updated_at="t",
-        last_update={"id": "1", "result": "rejected"},
+        last_update=UpdateOutcome("1", "t", "rejected"),
         last_check=12.5,
     )
     import json
 
     row = ("web", json.dumps(state.meta()), "running", str(D1), "c1", "update-rejected", "t")
     assert InstanceState.from_row(*row) == state
-    assert state.to_dict()["last_update"] == {"id": "1", "result": "rejected"}
+    assert state.to_dict()["last_update"] == {"id": "1", "time": "t", "result": "rejected"}
+
+
+@pytest.mark.parametrize(
+    "outcome",
+    [
+        UpdateOutcome(
+            "t1",
+            "2024-01-01T00:00:00.000Z",
+            "updated",
+            digest=str(Digest.of(b"a")),
+            previous=str(Digest.of(b"b")),
+        ),
+        UpdateOutcome("t1", "2024-01-01T00:00:00.000Z", "unchanged", digest=str(Digest.of(b"a"))),
+        UpdateOutcome(
+            "t1", "2024-01-01T00:00:00.000Z", "rejected", reason=Code.SIGNATURE_INVALID, detail="bad"
+        ),
+        UpdateOutcome(None, "2024-01-01T00:00:00.000Z", "failed", reason=Code.NOT_FOUND),
+    ],
+)
+def test_update_outcome_round_trips_and_matches_the_reply_schema(outcome: UpdateOutcome) -> None:
+    assert UpdateOutcome.from_dict(outcome.to_dict()) == outcome
+    validate({"name": "web", **outcome.to_dict()}, "control/exec-instance-update.reply", "update reply")
