@@ -158,7 +158,7 @@ def _anchor_from_flags(
     from agent.core.schemas import validate
     from agent.verify.schemes import validator_for
 
-    validate({"version": 0, "trust_anchors": [doc]}, "policy", f"trust anchor {name!r}")
+    validate(doc, "policy", f"trust anchor {name!r}", entry="trust_anchor")
     anchor = TrustAnchor.from_dict(doc, f"trust anchor {name!r}")
     validator_for(anchor).check_anchor(anchor)  # refuse unusable key material before anything changes
     return anchor

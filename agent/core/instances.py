@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -22,7 +21,7 @@ from typing import Any, Literal
 from agent.core.anchors import TrustAnchor
 from agent.core.digest import Digest
 from agent.core.imageref import ImageRef
-from agent.core.schemas import load_schema, validate
+from agent.core.schemas import validate
 from agent.errors import Code, DigestError, ImageRefError, SchemaError
 
 #: labels every managed container carries (the enforcement loop and ``docker ps`` can tell them apart)
@@ -33,7 +32,6 @@ LABEL_CONFIG = "dev.imageguard.config"
 RESERVED_LABEL_PREFIX = "dev.imageguard."
 DEFAULT_STOP_TIMEOUT = 10
 
-_REQUIRED = re.compile(r"'([^']+)' is a required property")
 
 Status = Literal["pending", "pulling", "verifying", "running", "failed", "disabled"]
 
@@ -106,14 +104,10 @@ class InstanceSpec:
     @classmethod
     def from_document(cls, doc: Any, what: str = "instance", pointer: str = "") -> InstanceSpec:
         """Validate (schema, unknown fields, meaning) and build. Raises SchemaError naming the field path."""
-        _reject_unknown(doc, load_schema("instance"), what, pointer)
         try:
             validate(doc, "instance", what)
         except SchemaError as exc:
-            # name the missing field itself, as for unknown fields
-            missing = _REQUIRED.fullmatch(exc.detail)
-            at = f"{exc.pointer}/{_escape(missing.group(1))}" if missing else exc.pointer
-            raise SchemaError(what, pointer + at, exc.detail) from None
+            raise SchemaError(what, pointer + exc.pointer, exc.detail) from None
 
         def bad(at: str, detail: str) -> SchemaError:
             return SchemaError(what, f"{pointer}/{at}", detail)
@@ -229,37 +223,6 @@ def _run_options(run: Mapping[str, Any], bad: Callable[[str, str], SchemaError])
         labels=labels,
         stop_timeout_seconds=run.get("stop_timeout_seconds", DEFAULT_STOP_TIMEOUT),
     )
-
-
-def _reject_unknown(doc: Any, schema: Mapping[str, Any], what: str, pointer: str) -> None:
-    """Name the path of an unknown field (JSON Schema only names the object that holds it)."""
-    root = schema
-
-    def walk(node: Any, sch: Mapping[str, Any], at: str) -> None:
-        while "$ref" in sch:
-            sch = root["$defs"][sch["$ref"].rsplit("/", 1)[-1]]
-        if isinstance(node, dict) and "properties" in sch:
-            props = sch["properties"]
-            for key, value in node.items():
-                if key not in props:
-                    if sch.get("additionalProperties") is False:
-                        raise SchemaError(what, f"{at}/{_escape(str(key))}", "unknown field")
-                    continue
-                walk(value, props[key], f"{at}/{_escape(key)}")
-        elif isinstance(node, list) and isinstance(sch.get("items"), dict):
-            for i, item in enumerate(node):
-                walk(item, sch["items"], f"{at}/{i}")
-        elif isinstance(node, dict) and "oneOf" in sch:
-            for option in sch["oneOf"]:
-                resolved = root["$defs"][option["$ref"].rsplit("/", 1)[-1]] if "$ref" in option else option
-                if resolved.get("type") == "object":
-                    walk(node, resolved, at)
-
-    walk(doc, schema, pointer)
-
-
-def _escape(key: str) -> str:
-    return key.replace("~", "~0").replace("/", "~1")
 
 
 def parse_instances(items: Iterable[Any], what: str) -> tuple[InstanceSpec, ...]:

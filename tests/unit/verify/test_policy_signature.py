@@ -154,11 +154,11 @@ def test_unsigned_document_is_refused_when_signing_is_on(p256: PrivateKey) -> No
 @pytest.mark.parametrize(
     ("change", "pointer"),
     [
-        (lambda e: e.pop("key_id"), ""),
-        (lambda e: e.update(extra=1), ""),
+        (lambda e: e.pop("key_id"), "/key_id"),
+        (lambda e: e.update(extra=1), "/extra"),
         (lambda e: e.update(key_id="ABC"), "/key_id"),
         (lambda e: e.update(algorithm="rsa"), "/algorithm"),
-        (lambda e: e["document"].pop("target"), "/document"),
+        (lambda e: e["document"].pop("target"), "/document/target"),
     ],
 )
 def test_malformed_envelope_fails_its_schema(
