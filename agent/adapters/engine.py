@@ -7,14 +7,14 @@ import socket
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import docker
 import docker.constants
 import docker.errors
 import requests
 
-from agent.core.facts import ContainerEvent, ContainerFacts, facts_from_inspect
+from agent.core.facts import ContainerEvent, ContainerFacts, ListedContainer, facts_from_inspect
 from agent.errors import EngineError
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,11 @@ def _version_key(version: str) -> tuple[int, ...]:
 
 
 _CONNECTION_ERRORS = (requests.exceptions.ConnectionError, requests.exceptions.Timeout, OSError)
+
+
+def _seconds(timeout: float | None) -> int:
+    """docker-py hands its timeout to requests, which takes a float, or None for none; the stubs say int."""
+    return cast(int, timeout)
 
 
 class Gone(Exception):
@@ -57,7 +62,7 @@ class Engine:
         if self._version is None:
             self._version = self._negotiate()
         try:
-            client = docker.APIClient(base_url=self.url, version=self._version, timeout=timeout)
+            client = docker.APIClient(base_url=self.url, version=self._version, timeout=_seconds(timeout))
         except docker.errors.DockerException as exc:
             raise EngineError(f"cannot use the Docker engine at {self.url}: {exc}") from None
         if self.url.startswith("unix://"):
@@ -78,7 +83,9 @@ class Engine:
                         f"cannot reach the Docker engine at {self.url}: {exc.strerror or exc}"
                     ) from None
         try:
-            probe = docker.APIClient(base_url=self.url, version=MINIMUM_API_VERSION, timeout=self.timeout)
+            probe = docker.APIClient(
+                base_url=self.url, version=MINIMUM_API_VERSION, timeout=_seconds(self.timeout)
+            )
         except docker.errors.DockerException as exc:
             raise EngineError(f"cannot use the Docker engine at {self.url}: {exc}") from None
         try:
@@ -233,12 +240,13 @@ class Engine:
     def start(self, container_id: str) -> None:
         self._call("start a container", self._client().start, container_id)
 
-    def labelled_containers(self, label: str) -> list[dict[str, Any]]:
-        """Every container (running or not) with ``label`` (``key`` or ``key=value``), as listed."""
-        items: list[dict[str, Any]] = self._call(
+    def labelled_containers(self, label: str) -> tuple[ListedContainer, ...]:
+        """Every container (running or not) with ``label`` (``key`` or ``key=value``)."""
+        items = self._call(
             "list containers", self._client().containers, all=True, trunc=False, filters={"label": [label]}
         )
-        return items
+        listed = (ListedContainer.from_raw(i) for i in items if isinstance(i, dict))
+        return tuple(c for c in listed if c is not None)
 
     # -- events ----------------------------------------------------------------------------------
 

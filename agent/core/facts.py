@@ -125,3 +125,23 @@ def facts_from_inspect(container: Mapping[str, Any], image: Mapping[str, Any] | 
         state=str(state.get("Status", "unknown")),
         labels=dict(cfg.get("Labels") or {}),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class ListedContainer:
+    """One entry of the engine's container list (``GET /containers/json``), parsed at the edge."""
+
+    id: str
+    state: str
+    labels: Mapping[str, str]
+
+    @property
+    def running(self) -> bool:
+        return self.state == "running"
+
+    @classmethod
+    def from_raw(cls, raw: Mapping[str, Any]) -> ListedContainer | None:
+        cid, labels = raw.get("Id"), raw.get("Labels") or {}
+        if not isinstance(cid, str) or not isinstance(labels, Mapping):
+            return None
+        return cls(cid, str(raw.get("State") or ""), {str(k): str(v) for k, v in labels.items()})

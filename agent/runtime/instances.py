@@ -200,8 +200,7 @@ class InstanceManager:
         policy = self.service.effective()
         states = self.store.instance_states()
         running = {
-            c.get("Labels", {}).get(LABEL_INSTANCE, "")
-            for c in self.engine.labelled_containers(f"{LABEL_MANAGED}=true")
+            c.labels.get(LABEL_INSTANCE, "") for c in self.engine.labelled_containers(f"{LABEL_MANAGED}=true")
         }
         with self._lock:
             tickets, self._tickets = self._tickets, {}
@@ -294,13 +293,9 @@ class InstanceManager:
         self, name: str, spec: InstanceSpec | None, state: InstanceState | None, key: str | None
     ) -> Observed:
         containers = tuple(
-            ObservedContainer(
-                id=str(c["Id"]),
-                running=c.get("State") == "running",
-                config=str((c.get("Labels") or {}).get(LABEL_CONFIG, "")),
-            )
+            ObservedContainer(id=c.id, running=c.running, config=c.labels.get(LABEL_CONFIG, ""))
             for c in self.engine.labelled_containers(f"{LABEL_INSTANCE}={name}")
-            if (c.get("Labels") or {}).get(LABEL_MANAGED) == "true"
+            if c.labels.get(LABEL_MANAGED) == "true"
         )
         present = False
         if (
