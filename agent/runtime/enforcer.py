@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
 
-from agent.adapters.engine import Engine, Gone
+from agent.adapters.engine import Gone
 from agent.adapters.store import Store
 from agent.config import EnforcementConfig
 from agent.core.decision import (
@@ -47,6 +47,24 @@ class Verifier(Protocol):
     """Checks signatures for pending decisions (see agent/runtime/verification.py)."""
 
     def verify(self, targets: tuple[VerifyTarget, ...], timeout: float) -> VerificationOutcome: ...
+
+
+class ContainerEngine(Protocol):
+    """What the enforcer needs of the engine (:class:`agent.adapters.engine.Engine` is the real one)."""
+
+    def container_ids(self) -> list[str]: ...
+
+    def container_facts(self, container_id: str) -> ContainerFacts: ...
+
+    def forget_image(self, image_id: str) -> bool: ...
+
+    def stop_and_remove(self, container_id: str, grace_seconds: int) -> str: ...
+
+    def pause(self, container_id: str) -> None: ...
+
+    def unpause(self, container_id: str) -> None: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -104,7 +122,7 @@ class Lanes:
 class Enforcer:
     def __init__(
         self,
-        engine: Engine,
+        engine: ContainerEngine,
         store: Store,
         policy: EffectivePolicy,
         settings: EnforcementConfig,
@@ -213,10 +231,12 @@ class Enforcer:
         record = self._record(decision, facts, policy, trigger, action)
         if dry_run:
             return Handled(record, decision, facts)
+        # judged before this decision is stored: what counts is whether it was allowed until now
+        grace = 0 if paused or action != "remove" else self._grace_for(facts.id, trigger)
         self._save(record)
         if decision.verdict == "allowed":
             self._remember_allowed(facts.id)
-        self._act(facts, decision, action, 0 if paused else self._grace_for(facts.id, trigger))
+        self._act(facts, decision, action, grace)
         return Handled(record, decision, facts)
 
     def _remember_allowed(self, container_id: str) -> None:

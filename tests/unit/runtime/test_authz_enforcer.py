@@ -21,6 +21,7 @@ from agent.core.policy import AllowlistEntry, EffectivePolicy, Enforcement, Poli
 from agent.core.schemas import validate
 from agent.errors import Code
 from agent.runtime.enforcer import Enforcer
+from tests.support.fakes import FakeEngine
 
 REPO = "registry.example:5000/acme/app"
 SIGNED_D = Digest.of(b"signed manifest")
@@ -45,24 +46,6 @@ CONTAINERS = {
     "unlisted": facts("unlisted", UNLISTED_D),
     "signed": facts("signed", SIGNED_D, REPO),
 }
-
-
-class FakeEngine:
-    """Container lookups only; any action on the engine fails the test."""
-
-    lookups = 0
-
-    def container_facts(self, cid: str) -> ContainerFacts:
-        FakeEngine.lookups += 1
-        if cid not in CONTAINERS:
-            raise Gone(cid)
-        return CONTAINERS[cid]
-
-    def forget_image(self, image_id: str) -> bool:
-        return False  # a cache probe, not an action: nothing is cached here
-
-    def __getattr__(self, name: str) -> None:
-        raise AssertionError(f"authorize must not act on the engine ({name})")
 
 
 class SlowVerifier:
@@ -99,7 +82,7 @@ def store(tmp_path: Path) -> Iterator[Store]:
 def enforcer(store: Store, verifier: SlowVerifier | None, timeout: float = 0.3) -> Enforcer:
     settings = EnforcementConfig(verify_timeout_seconds=timeout, negative_cache_seconds=60)
     return Enforcer(
-        FakeEngine(),  # type: ignore[arg-type]
+        FakeEngine(CONTAINERS, read_only=True),
         store,
         policy(),
         settings,
@@ -197,9 +180,11 @@ def test_monitor_skips_a_start_just_allowed_under_the_same_policy(store: Store) 
     e = enforcer(store, None)
     try:
         e.authorize("listed")
-        before = FakeEngine.lookups
+        engine = e.engine
+        assert isinstance(engine, FakeEngine)
+        before = engine.lookups
         assert e.handle("listed", "start") is None  # the start event of the allowed start
-        assert FakeEngine.lookups == before
+        assert engine.lookups == before
         again = e.handle("listed", "start")  # consumed: a later start (restart policy) is decided again
         assert again is not None and again.record.trigger == "start"
         e.authorize("listed")

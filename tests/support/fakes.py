@@ -1,0 +1,66 @@
+"""Typed in-memory fakes for unit tests of pure logic around one outside system (never of the system itself).
+
+Each implements the Protocol its consumer declares, so mypy checks the fake against the real interface.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from agent.adapters.engine import Gone
+from agent.core.facts import ContainerFacts
+from agent.runtime.enforcer import ContainerEngine
+
+
+@dataclass
+class FakeEngine:
+    """Containers by id; records every action. ``lookup`` may replace the dictionary look-up."""
+
+    containers: Mapping[str, ContainerFacts] = field(default_factory=dict)
+    lookup: Callable[[str], ContainerFacts] | None = None
+    #: refuse every action (stop, pause, ...): for code that must only look
+    read_only: bool = False
+    forget: Callable[[str], bool] = lambda _image_id: False
+    lookups: int = 0
+    removed: list[tuple[str, int]] = field(default_factory=list)
+    paused: list[str] = field(default_factory=list)
+    unpaused: list[str] = field(default_factory=list)
+
+    def container_ids(self) -> list[str]:
+        return list(self.containers)
+
+    def container_facts(self, container_id: str) -> ContainerFacts:
+        self.lookups += 1
+        if self.lookup is not None:
+            return self.lookup(container_id)
+        if container_id not in self.containers:
+            raise Gone(container_id)
+        return self.containers[container_id]
+
+    def forget_image(self, image_id: str) -> bool:
+        return self.forget(image_id)
+
+    def _act(self, what: str) -> None:
+        if self.read_only:
+            raise AssertionError(f"this code must not act on the engine ({what})")
+
+    def stop_and_remove(self, container_id: str, grace_seconds: int) -> str:
+        self._act("stop_and_remove")
+        self.removed.append((container_id, grace_seconds))
+        return "removed"
+
+    def pause(self, container_id: str) -> None:
+        self._act("pause")
+        self.paused.append(container_id)
+
+    def unpause(self, container_id: str) -> None:
+        self._act("unpause")
+        self.unpaused.append(container_id)
+
+    def close(self) -> None:
+        pass
+
+
+def _conforms(engine: FakeEngine) -> ContainerEngine:
+    return engine  # mypy checks FakeEngine against the enforcer's Protocol here
