@@ -1,4 +1,5 @@
-"""The one adapter between ImageGuard and container registries (OCI distribution API over ``requests``).
+"""The one adapter between ImageGuard and container registries (OCI distribution API over ``requests``;
+why our own: docs/adr/0002).
 
 Everything a registry sends is untrusted: every response body is streamed under a hard byte cap, every
 operation (one public method call, including token requests and redirects) runs under one deadline, and

@@ -1,8 +1,7 @@
 """KuraPayload: Kura's message model and its protobuf wire form (proto2, package ``kuradatatypes``).
 
-The wire codec is written out here for this one fixed proto2 schema (``kurapayload.proto`` next to this
-module): the protobuf runtime would cost an edge device about 3.5 MB of RSS (bench/control.py) for three small
-messages. The tests check it against the protobuf library and ``protoc --decode``. Gzip follows Kura: receivers detect it by the
+The wire codec is written out for this one fixed schema (``kurapayload.proto``); why: docs/adr/0001. Gzip
+follows Kura: receivers detect it by the
 magic bytes ``1f 8b`` and fall back to raw protobuf when decompression fails; senders compress only if that
 is shorter.
 
