@@ -184,9 +184,7 @@ class Agent:
         from agent.control.cloud import CloudConnection  # paho and the control plane load only with [mqtt]
         from agent.control.resources import ControlContext
 
-        ctx = ControlContext(
-            self.config, self.service, self.engine, lambda: self.enforcer, instances=lambda: self.instances
-        )
+        ctx = ControlContext(self.config, self.service, self.engine, running=self)
         return CloudConnection(self.config, self.service, ctx)
 
     def start(self) -> None:

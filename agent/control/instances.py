@@ -6,7 +6,7 @@ pulling, verifying and running.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from agent.config import Config
 from agent.control.service import ApplyResult, Service
@@ -76,12 +76,17 @@ def instance_views(service: Service) -> list[dict[str, Any]]:
     return [instance_view(specs.get(n), states.get(n)) for n in sorted(set(specs) | set(states))]
 
 
+class RunningInstances(Protocol):
+    @property
+    def instances(self) -> InstanceManager | None: ...
+
+
 # ---- control-plane resources (merged into the routing table of agent.control.resources) ---------------------------------
 
 
 def control_routes(
     service: Service,
-    manager: Callable[[], InstanceManager | None],
+    running: RunningInstances,
     *,
     check_edit: Callable[[str], None] = lambda _what: None,
     update_timeout: float = 120.0,
@@ -124,7 +129,7 @@ def control_routes(
     def exec_update(req: Request) -> Response:
         name = req.params["name"]
         find(name)
-        m = manager()
+        m = running.instances
         if m is None:
             raise ControlError(503, "the instance manager is not running", code=Code.NOT_RUNNING)
         result = m.request_update(name).wait(update_timeout)

@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from agent.adapters.engine import Engine, Gone
 from agent.adapters.mqtt.requests import Handler, Request, Response, Route
@@ -42,18 +42,33 @@ log = logging.getLogger(__name__)
 DECISIONS_PAGE = 50
 
 
+class Running(Protocol):
+    """The agent's loops, once started (None before): :class:`agent.app.Agent` is the real one."""
+
+    @property
+    def enforcer(self) -> Enforcer | None: ...
+
+    @property
+    def instances(self) -> InstanceManager | None: ...
+
+
+class NotRunning:
+    """No loops: the resources that need them answer 500/503 (tests, and the agent before start)."""
+
+    enforcer: Enforcer | None = None
+    instances: InstanceManager | None = None
+
+
 @dataclass
 class ControlContext:
-    """What the handlers may use. ``enforcer`` is a getter: the agent creates its enforcer on start."""
+    """What the handlers may use: parts built by the composition root."""
 
     config: Config
     service: Service
     engine: Engine
-    enforcer: Callable[[], Enforcer | None]
+    running: Running = field(default_factory=NotRunning)
     #: the cloud connection's view of itself (connected, counters); filled in by agent.control.cloud
     connection_status: Callable[[], dict[str, Any]] = field(default=lambda: {"connected": False})
-    #: the agent's instance manager, once started (``EXEC instances/{name}/update`` asks it)
-    instances: Callable[[], InstanceManager | None] = field(default=lambda: None)
     #: signature and target checks of MQTT policy changes (loads mqtt.policy_signing_key once: a bad key
     #: stops the agent at start-up rather than letting it accept unsigned changes)
     policy_gate: PolicyGate = field(init=False)
@@ -293,7 +308,7 @@ def get_containers(ctx: ControlContext, req: Request) -> Response:
 
 def exec_scan(ctx: ControlContext, req: Request) -> Response:
     doc = body(req, "exec-scan.request", "EXEC scan request", optional=True)
-    enforcer = ctx.enforcer()
+    enforcer = ctx.running.enforcer
     if enforcer is None:
         raise ControlError(500, "the agent is not enforcing yet; retry in a moment")
     dry_run = bool(doc.get("dry_run", False))
@@ -363,6 +378,6 @@ def routes(ctx: ControlContext) -> dict[Route, Handler]:
     table = {route: bind(fn) for route, fn in _TABLE.items()}
     # managed instances: GET instances, GET|PUT|DEL instances/{name}, EXEC instances/{name}/update
     table.update(
-        control_routes(ctx.service, ctx.instances, check_edit=lambda what: check_partial_edit(ctx, what))
+        control_routes(ctx.service, ctx.running, check_edit=lambda what: check_partial_edit(ctx, what))
     )
     return table

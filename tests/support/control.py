@@ -36,7 +36,7 @@ class Harness:
         self.changes = 0
         self.service = Service(self.config, self.store, telemetry=True, on_change=self._changed)
         engine = Engine("unix:///nonexistent/docker.sock", 0.5)
-        self.ctx = ControlContext(self.config, self.service, engine, lambda: None)
+        self.ctx = ControlContext(self.config, self.service, engine)
         self.sent: list[tuple[str, bytes]] = []
         self.dispatcher = Dispatcher(T, routes(self.ctx), lambda t, p: self.sent.append((t, p)))
         self.codec = PayloadCodec()

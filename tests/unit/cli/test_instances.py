@@ -20,6 +20,7 @@ from agent.adapters.store import Store
 from agent.cli.main import main
 from agent.config import from_dict
 from agent.control.instances import control_routes
+from agent.control.resources import NotRunning
 from agent.control.service import Service
 from agent.core.digest import Digest
 from agent.core.instances import InstanceSpec, InstanceState, pin_key
@@ -189,7 +190,7 @@ class Harness:
 
                 raise ControlError(403, f"{what}: signed documents only")
 
-        routes = control_routes(self.service, lambda: None, check_edit=check)
+        routes = control_routes(self.service, NotRunning(), check_edit=check)
         self.dispatcher = Dispatcher(T, routes, lambda t, p: self.sent.append((t, p)), codec=PayloadCodec())
 
     def request(self, path: str, body: Any = None) -> tuple[int, Any, str]:
@@ -260,7 +261,7 @@ def test_control_table_serves_the_instance_resources(h: Harness) -> None:
     from agent.adapters.engine import Engine
     from agent.control.resources import ControlContext, routes
 
-    ctx = ControlContext(h.config, h.service, Engine("unix:///nonexistent.sock"), lambda: None)
+    ctx = ControlContext(h.config, h.service, Engine("unix:///nonexistent.sock"))
     table = routes(ctx)
     for route in (
         ("GET", ("instances",)),
