@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 LOCK_NAME = "agent.lock"
 
 
+#: telemetry messages in flight at once (QoS 1, at least once)
+TELEMETRY_WINDOW = 64
+
+
 class AgentLock:
     """One agent per state directory; the lock file also tells ``status`` who holds it."""
 
@@ -181,11 +185,44 @@ class Agent:
         self.cloud: CloudConnection | None = None
 
     def _make_cloud(self) -> CloudConnection:
-        from agent.control.cloud import CloudConnection  # paho and the control plane load only with [mqtt]
-        from agent.control.resources import ControlContext
+        # paho and the control plane load only with [mqtt]
+        from agent.adapters.mqtt.codec import PayloadCodec
+        from agent.adapters.mqtt.connection import MqttConnection, device_subscriptions
+        from agent.adapters.mqtt.requests import Dispatcher
+        from agent.adapters.mqtt.topics import Topics
+        from agent.control.cloud import CloudConnection
+        from agent.control.resources import ControlContext, routes
+        from agent.runtime.outbox import OutboxDrainer
 
+        mqtt = self.config.mqtt
+        assert mqtt is not None
+        codec = PayloadCodec.from_config(mqtt)
+        topics = Topics(mqtt.account, self.config.device.id, control_prefix=mqtt.control_prefix)
         ctx = ControlContext(self.config, self.service, self.engine, running=self)
-        return CloudConnection(self.config, self.service, ctx)
+        cloud = CloudConnection(self.config, self.service, ctx, codec, topics)
+        dispatcher = Dispatcher(topics, routes(ctx), cloud.reply, codec=codec)
+        connection = MqttConnection(
+            mqtt,
+            topics,
+            subscriptions=device_subscriptions(
+                topics, self.config.device.groups, dispatcher.handle, cloud.on_fleet_policy
+            ),
+            birth=cloud.birth,
+            disconnect=cloud.disconnect,
+            codec=codec,
+            max_in_flight=max(100, TELEMETRY_WINDOW + 8),
+        )
+        drainer = OutboxDrainer(
+            self.service.store,
+            topics,
+            codec,
+            connection,
+            device=self.config.device.id,
+            policy_version=lambda: self.service.effective().version,
+            window=TELEMETRY_WINDOW,
+        )
+        cloud.attach(connection, dispatcher, drainer)
+        return cloud
 
     def start(self) -> None:
         self.lock.acquire()

@@ -1,6 +1,6 @@
 """The agent's cloud side: one MQTT connection carrying control requests, telemetry and fleet policy layers.
 
-Created by the composition root (agent/app.py) only when ``[mqtt]`` is configured. It glues together:
+Built by the composition root (agent/app.py) only when ``[mqtt]`` is configured, from:
 
 * :class:`~agent.adapters.mqtt.connection.MqttConnection` (birth on every connect, MQTT/DC on a clean stop, LWT);
 * :class:`~agent.adapters.mqtt.requests.Dispatcher` with the resources of :mod:`agent.control.resources` (replies at QoS 0);
@@ -27,12 +27,12 @@ from agent.adapters.mqtt.birth import (
     read_uptime_ms,
 )
 from agent.adapters.mqtt.codec import PayloadCodec
-from agent.adapters.mqtt.connection import MqttConnection, device_subscriptions
+from agent.adapters.mqtt.connection import MqttConnection
 from agent.adapters.mqtt.kurapayload import KuraMessage
 from agent.adapters.mqtt.requests import Dispatcher
 from agent.adapters.mqtt.topics import Topics
 from agent.config import Config
-from agent.control.resources import ControlContext, accept_layer_document, routes
+from agent.control.resources import ControlContext, accept_layer_document
 from agent.control.service import Service
 from agent.core.envelope import claimed_version
 from agent.core.policy import group_layer
@@ -53,48 +53,38 @@ def _no_constant(word: str) -> Any:
 
 
 class CloudConnection:
+    """The cloud side's behaviour: birth facts, replies, fleet layers, status. Its parts (the MQTT
+    connection, the request dispatcher, the outbox drainer) are built by the composition root, which hands
+    them over with :meth:`attach` (they need this object's callbacks, so it exists first)."""
+
+    connection: MqttConnection
+    dispatcher: Dispatcher
+    drainer: OutboxDrainer
+
     def __init__(
         self,
         config: Config,
         service: Service,
         ctx: ControlContext,
+        codec: PayloadCodec,
+        topics: Topics,
         *,
         facts: DeviceFacts | None = None,
-        telemetry_window: int = 64,
     ) -> None:
-        if config.mqtt is None:
-            raise ValueError("CloudConnection needs an [mqtt] configuration")
-        mqtt = config.mqtt
         self.config = config
         self.service = service
         self.ctx = ctx
-        self.codec = PayloadCodec.from_config(mqtt)
-        self.topics = Topics(mqtt.account, config.device.id, control_prefix=mqtt.control_prefix)
+        self.codec = codec
+        self.topics = topics
         self._facts = facts if facts is not None else gather_device_facts()
         ctx.connection_status = self.status
-        self.dispatcher = Dispatcher(self.topics, routes(ctx), self._reply, codec=self.codec)
-        self.connection = MqttConnection(
-            mqtt,
-            self.topics,
-            subscriptions=device_subscriptions(
-                self.topics, config.device.groups, self.dispatcher.handle, self.on_fleet_policy
-            ),
-            birth=self._birth,
-            disconnect=self._disconnect,
-            codec=self.codec,
-            max_in_flight=max(100, telemetry_window + 8),
-        )
-        self.drainer = OutboxDrainer(
-            service.store,
-            self.topics,
-            self.codec,
-            self.connection,
-            device=config.device.id,
-            policy_version=lambda: self.service.effective().version,
-            window=telemetry_window,
-        )
-        self.connection.add_on_connected(self.drainer.wake)
-        service.store.add_outbox_listener(self.drainer.wake)
+
+    def attach(self, connection: MqttConnection, dispatcher: Dispatcher, drainer: OutboxDrainer) -> None:
+        self.connection = connection
+        self.dispatcher = dispatcher
+        self.drainer = drainer
+        connection.add_on_connected(drainer.wake)
+        self.service.store.add_outbox_listener(drainer.wake)
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -144,13 +134,13 @@ class CloudConnection:
             },
         )
 
-    def _birth(self) -> KuraMessage:
+    def birth(self) -> KuraMessage:
         return birth_message(self._facts, self._info(), uptime_ms=read_uptime_ms(), now_ms=_now_ms())
 
-    def _disconnect(self) -> KuraMessage:
+    def disconnect(self) -> KuraMessage:
         return disconnect_message(self._info(), uptime_ms=read_uptime_ms(), now_ms=_now_ms())
 
-    def _reply(self, topic: str, payload: bytes) -> None:
+    def reply(self, topic: str, payload: bytes) -> None:
         try:
             self.connection.publish(topic, payload, qos=0)
         except BrokerError as exc:
