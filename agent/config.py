@@ -128,6 +128,11 @@ class Config:
     def registry(self, host: str) -> RegistryConfig | None:
         return next((r for r in self.registries if r.host == host), None)
 
+    @property
+    def protected_paths(self) -> tuple[str, ...]:
+        """Host paths no container may bind: the agent's state and the plugin socket's directory."""
+        return (str(self.state_dir), str(self.preventive.socket.parent))
+
 
 def _default_device_id() -> str:
     # the id becomes a topic level: Kura replaces / + # . with '-'

@@ -67,6 +67,7 @@ class Code(StrEnum):
     REGISTRY_TLS_ERROR = "registry-tls-error"
     REGISTRY_UNREACHABLE = "registry-unreachable"
     REPLY_TIMEOUT = "reply-timeout"
+    RUNTIME_CONSTRAINT = "runtime-constraint"
     SCHEMA_VIOLATION = "schema-violation"
     SIGNATURE_INVALID = "signature-invalid"
     SIGNATURE_MISMATCH = "signature-mismatch"

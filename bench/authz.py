@@ -149,7 +149,7 @@ def main() -> int:
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ig-bench-az-", dir="/tmp"))
     name = f"imageguard-bench-{work.name.removeprefix('ig-bench-az-')}"
-    socket = work / "plugin.sock"
+    socket = work / "plugins" / "plugin.sock"  # its directory is protected from binds: nothing else in it
     SPEC_DIR.mkdir(parents=True, exist_ok=True)
     spec = SPEC_DIR / f"{name}.spec"
     spec.write_text(f"unix://{socket}\n")

@@ -14,7 +14,13 @@ import docker.constants
 import docker.errors
 import requests
 
-from agent.core.facts import ContainerEvent, ContainerFacts, ListedContainer, facts_from_inspect
+from agent.core.facts import (
+    ContainerEvent,
+    ContainerFacts,
+    ListedContainer,
+    facts_for_create,
+    facts_from_inspect,
+)
 from agent.errors import EngineError
 
 log = logging.getLogger(__name__)
@@ -131,6 +137,15 @@ class Engine:
         container = self._call("inspect a container", c.inspect_container, container_id)
         image = self._image(container.get("Image", ""))
         return facts_from_inspect(container, image)
+
+    def facts_for_create(self, request: dict[str, Any], name: str) -> ContainerFacts:
+        """What a create request would make (its image looked up by the reference it names)."""
+        ref = str(request.get("Image", ""))
+        try:
+            image = self._call("inspect an image", self._client().inspect_image, ref) if ref else None
+        except Gone:
+            image = None
+        return facts_for_create(request, name, image if isinstance(image, dict) else None)
 
     def _image(self, image_id: str) -> dict[str, Any] | None:
         with self._images_lock:

@@ -77,7 +77,9 @@ class Service:
     def effective(self) -> EffectivePolicy:
         groups = {f"group:{g}" for g in self.config.device.groups}
         layers = [lyr for lyr in self.store.layers() if lyr.name == DEVICE_LAYER or lyr.name in groups]
-        policy = EffectivePolicy.compose(layers, self.default_enforcement)
+        policy = dataclasses.replace(
+            EffectivePolicy.compose(layers, self.default_enforcement), protected=self.config.protected_paths
+        )
         specs = next((lyr.instances for lyr in layers if lyr.name == DEVICE_LAYER), ())
         if not specs:
             return policy

@@ -40,7 +40,7 @@ class ApiRequest:
     op: Op
     path: str  # the routed path, without version prefix; "" when unreadable
     container: str | None = None  # the container the request names, if any
-    name: str | None = None  # the plugin name, for Op.PLUGIN
+    name: str | None = None  # the plugin name (PLUGIN), the new container name (CONTAINER_CREATE, _RENAME)
     why: str = ""  # for Op.UNKNOWN: what could not be read
 
 
@@ -139,7 +139,9 @@ def classify(method: str, target: str) -> ApiRequest:
             name = ref or _query_value(query, "name") or _query_value(query, "remote")
             return ApiRequest(op, path, name=name)
         if op in (Op.CONTAINER_START, Op.CONTAINER_EXEC, Op.CONTAINER_COPY_IN, Op.CONTAINER_RENAME):
-            return ApiRequest(op, path, container=ref)
+            return ApiRequest(op, path, container=ref, name=_query_value(query, "name"))
+        if op is Op.CONTAINER_CREATE:
+            return ApiRequest(op, path, name=_query_value(query, "name"))
         return ApiRequest(op, path)
     return ApiRequest(Op.UNKNOWN, path, why=f"{method} {path} is no Docker API operation ImageGuard knows")
 

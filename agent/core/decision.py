@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from agent.core.anchors import TrustAnchor
+from agent.core.constraints import violation
 from agent.core.digest import Digest
 from agent.core.facts import ContainerFacts
 from agent.core.imageref import ImageRef
@@ -99,6 +100,10 @@ def decide(facts: ContainerFacts, policy: EffectivePolicy, evidence: Evidence = 
     digests = facts.digests
     if not policy.enforcement.enabled:
         return Decision("allowed", Code.ENFORCEMENT_DISABLED, "enforcement is switched off", digests)
+    if facts.runtime is not None:  # before the digests: an allowed image started as root on the host is not
+        broken = violation(facts.runtime, facts.image_ref, policy.runtime, policy.protected)
+        if broken is not None:
+            return Decision(_negative(policy), Code.RUNTIME_CONSTRAINT, broken, digests)
     if not digests:
         return Decision(
             _negative(policy), Code.NO_DIGEST, "the engine reports no digest for the image", digests
@@ -174,6 +179,8 @@ def rescan_reason(old: EffectivePolicy, new: EffectivePolicy) -> str | None:
         return "allowlist lost entries"
     if old.instance_digests - new.instance_digests:
         return "an instance digest was withdrawn"
+    if new.runtime != old.runtime or new.protected != old.protected:
+        return "runtime constraints changed"
     new_anchors = {a.name: a.fingerprint for a in new.trust_anchors}
     if any(new_anchors.get(a.name) != a.fingerprint for a in old.trust_anchors):
         return "a trust anchor was removed or changed"

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.core.constraints import RuntimeFacts
 from agent.core.digest import Digest
 from agent.core.imageref import ImageRef
 from agent.errors import ImageGuardError
@@ -60,6 +61,8 @@ class ContainerFacts:
     repo_digests: tuple[tuple[ImageRef, Digest], ...] = ()
     state: str = "unknown"
     labels: Mapping[str, str] = field(default_factory=dict)
+    #: how it is started (None: not known, e.g. a container gone before inspection)
+    runtime: RuntimeFacts | None = None
 
     @property
     def digests(self) -> tuple[Digest, ...]:
@@ -124,6 +127,13 @@ def facts_from_inspect(container: Mapping[str, Any], image: Mapping[str, Any] | 
         repo_digests=tuple(repo_digests),
         state=str(state.get("Status", "unknown")),
         labels=dict(cfg.get("Labels") or {}),
+        runtime=RuntimeFacts.from_host_config(
+            container.get("HostConfig") or {},
+            entrypoint=cfg.get("Entrypoint"),
+            cmd=cfg.get("Cmd"),
+            image_config=(image or {}).get("Config"),
+            mounts=[m for m in container.get("Mounts") or () if isinstance(m, Mapping)],
+        ),
     )
 
 
@@ -145,3 +155,38 @@ class ListedContainer:
         if not isinstance(cid, str) or not isinstance(labels, Mapping):
             return None
         return cls(cid, str(raw.get("State") or ""), {str(k): str(v) for k, v in labels.items()})
+
+
+def facts_for_create(
+    request: Mapping[str, Any], name: str, image: Mapping[str, Any] | None
+) -> ContainerFacts:
+    """Facts about a container a ``POST /containers/create`` would make, from its body and the image.
+
+    ``image`` is the inspect data of the image the request names (None: not on the engine).
+    """
+    img = image or {}
+    repo_digests = tuple(
+        parsed
+        for entry in img.get("RepoDigests") or ()
+        if isinstance(entry, str) and (parsed := parse_repo_digest(entry))
+    )
+    try:
+        image_id: Digest | None = Digest.parse(str(img.get("Id", "")))
+    except ImageGuardError:
+        image_id = None
+    host = request.get("HostConfig")
+    return ContainerFacts(
+        id="",
+        name=name,
+        image=str(request.get("Image", "")),
+        image_id=image_id,
+        repo_digests=repo_digests,
+        state="created",
+        labels={str(k): str(v) for k, v in (request.get("Labels") or {}).items()},
+        runtime=RuntimeFacts.from_host_config(
+            host if isinstance(host, Mapping) else {},
+            entrypoint=request.get("Entrypoint"),
+            cmd=request.get("Cmd"),
+            image_config=img.get("Config"),
+        ),
+    )

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from agent.core.anchors import TrustAnchor
+from agent.core.constraints import RuntimeRule
 from agent.core.digest import Digest
 from agent.core.imageref import ImageRef
 from agent.core.instances import InstanceSpec, parse_instances
@@ -57,6 +58,8 @@ class PolicyLayer:
     target: Mapping[str, str] | None = None
     #: managed container instances (device layer only; agent/core/instances.py)
     instances: tuple[InstanceSpec, ...] = ()
+    #: runtime constraints per image scope (agent/core/constraints.py); every layer's rules apply
+    runtime: tuple[RuntimeRule, ...] = ()
 
     @classmethod
     def from_document(cls, doc: Any, name: str = DEVICE_LAYER, what: str = "policy") -> PolicyLayer:
@@ -88,6 +91,9 @@ class PolicyLayer:
                     f"{what}: at /instances: instances can only be declared in the device layer"
                 )
             instances = parse_instances(doc["instances"], what)
+        runtime = tuple(
+            RuntimeRule.from_dict(r, f"{what}: at /runtime/{i}") for i, r in enumerate(doc.get("runtime", ()))
+        )
         return cls(
             name=name,
             version=int(doc["version"]),  # JSON Schema counts 3.0 as an integer
@@ -96,6 +102,7 @@ class PolicyLayer:
             trust_anchors=tuple(anchors.values()),
             target=doc.get("target"),
             instances=instances,
+            runtime=runtime,
         )
 
     def to_document(self) -> dict[str, Any]:
@@ -108,6 +115,8 @@ class PolicyLayer:
         doc["trust_anchors"] = [a.to_dict() for a in self.trust_anchors]
         if self.instances:
             doc["instances"] = [i.to_document() for i in self.instances]
+        if self.runtime:
+            doc["runtime"] = [r.to_dict() for r in self.runtime]
         return doc
 
     def check_successor(self, new: PolicyLayer) -> bool:
@@ -132,6 +141,7 @@ class PolicyLayer:
             "trust_anchors": self.trust_anchors,
             "target": self.target,
             "instances": self.instances,
+            "runtime": self.runtime,
         }
         fields.update(changes)
         return PolicyLayer(**fields)
@@ -147,6 +157,10 @@ class EffectivePolicy:
     versions: Mapping[str, int] = field(default_factory=dict)
     #: digests pinned by enabled managed instances (they allow containers like allowlist entries)
     instance_digests: frozenset[Digest] = frozenset()
+    #: runtime constraints of every layer (each one only restricts, so a union is safe)
+    runtime: tuple[RuntimeRule, ...] = ()
+    #: host paths no container may bind (the agent's state, the plugin socket): from the configuration
+    protected: tuple[str, ...] = ()
 
     @property
     def version(self) -> int:
@@ -171,12 +185,16 @@ class EffectivePolicy:
         allow: set[Digest] = set()
         anchors: dict[str, TrustAnchor] = {}
         versions: dict[str, int] = {}
+        runtime: list[RuntimeRule] = []
         # device layer last, so that its anchor of a given name wins over a group's
         for layer in sorted(layers, key=lambda lyr: lyr.name == DEVICE_LAYER):
             versions[layer.name] = layer.version
             allow.update(e.digest for e in layer.allowlist)
+            runtime.extend(layer.runtime)
             for a in layer.trust_anchors:
                 anchors[a.name] = a
             if layer.name == DEVICE_LAYER and layer.enforcement is not None:
                 enforcement = layer.enforcement
-        return cls(enforcement, frozenset(allow), tuple(anchors.values()), versions, instance_digests)
+        return cls(
+            enforcement, frozenset(allow), tuple(anchors.values()), versions, instance_digests, tuple(runtime)
+        )

@@ -121,11 +121,16 @@ class Decider(Protocol):
     def operation(self, request: ApiRequest) -> Answer:
         """Judge a plugin, swarm or build request."""
 
+    def create(self, request: ApiRequest, body: bytes | None) -> Answer:
+        """Judge a container create from its body (None: dockerd forwarded none)."""
+
 
 #: judged on the container they name
 _ON_CONTAINER = frozenset({Op.CONTAINER_START, Op.CONTAINER_EXEC, Op.CONTAINER_COPY_IN})
 #: judged by the configuration's switches
 _SWITCHED = frozenset({Op.PLUGIN, Op.SWARM, Op.BUILD})
+#: judged on the request's body
+_ON_BODY = frozenset({Op.CONTAINER_CREATE})
 
 
 def answer_request(raw: bytes, decide: Decider) -> Answer:
@@ -144,12 +149,18 @@ def answer_request(raw: bytes, decide: Decider) -> Answer:
         log.warning("refused %s %s: %s", method, uri[:200], request.why)
         return Answer(False, f"ImageGuard: {request.why}; a request ImageGuard cannot classify is refused")
     judged_container = request.op in _ON_CONTAINER and request.container is not None
-    if not judged_container and request.op not in _SWITCHED:
+    if not judged_container and request.op not in _SWITCHED | _ON_BODY:
         return ALLOW
     try:
-        AuthzRequest.parse(doc)
+        parsed = AuthzRequest.parse(doc)
     except InputError as exc:
         return Answer(False, f"ImageGuard: {exc}; refused")
+    if request.op in _ON_BODY:
+        try:
+            return decide.create(request, parsed.body)
+        except Exception as exc:  # any failure to decide refuses the request
+            log.exception("authorization of a container create failed")
+            return Answer(False, f"ImageGuard could not decide on a container create: {exc}; refused")
     if not judged_container:
         return decide.operation(request)
     target = request.container or ""
@@ -170,6 +181,31 @@ class Gate:
     def __init__(self, enforcer: Enforcer, rules: PreventiveConfig | None = None) -> None:
         self.enforcer = enforcer
         self.rules = rules or PreventiveConfig()
+
+    def create(self, request: ApiRequest, body: bytes | None) -> Answer:
+        """A create of a container whose image is known to be disallowed (or started in a way the runtime
+        constraints forbid) is refused, so a refused ``docker run`` leaves no container behind."""
+        e = self.enforcer.policy.enforcement
+        if not e.enabled or e.mode != "enforce" or body is None:
+            return ALLOW  # no body: dockerd forwards none above 1 MiB; the start is judged all the same
+        try:
+            doc = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            return Answer(False, "ImageGuard: the create request's body is not JSON; refused")
+        if not isinstance(doc, dict):
+            return Answer(False, "ImageGuard: the create request's body is not a JSON object; refused")
+        try:
+            facts = self.enforcer.engine.facts_for_create(doc, request.name or "")
+        except EngineError as exc:
+            return Answer(False, f"ImageGuard cannot look up image {doc.get('Image')!r} ({exc}); refused")
+        d = self.enforcer.authorize_create(facts)
+        if d.verdict != "blocked":
+            return ALLOW
+        log.warning("prevented create of a container of %s: %s", facts.image, d.detail)
+        return Answer(
+            False,
+            f"ImageGuard: image {facts.image} is not allowed on this device ({d.reason.value}: {d.detail})",
+        )
 
     def operation(self, request: ApiRequest) -> Answer:
         """Plugins, swarm and builds: refused in enforce mode unless the configuration allows them."""

@@ -56,6 +56,8 @@ class ContainerEngine(Protocol):
 
     def container_facts(self, container_id: str) -> ContainerFacts: ...
 
+    def facts_for_create(self, request: dict[str, Any], name: str) -> ContainerFacts: ...
+
     def forget_image(self, image_id: str) -> bool: ...
 
     def stop_and_remove(self, container_id: str, grace_seconds: int) -> str: ...
@@ -294,6 +296,16 @@ class Enforcer:
                 if len(self._authorized) > 4096:  # bounded: drop the oldest
                     del self._authorized[next(iter(self._authorized))]
         return Handled(record, decision, facts)
+
+    def authorize_create(self, facts: ContainerFacts) -> Decision:
+        """Judge a container before it is created (the authorization plugin): refuse what is known to be
+        disallowed, so that a refused ``docker run`` leaves nothing behind. A refusal is recorded; a create
+        that needs a signature check passes (its start is judged, the policy may change in between)."""
+        policy = self._policy
+        decision = decide(facts, policy, self._evidence())
+        if decision.verdict == "blocked":
+            self._save(self._record(decision, facts, policy, "prevented", "deny"))
+        return decision
 
     def _just_authorized(self, container_id: str) -> bool:
         """Whether the start event follows a start the plugin allowed under the policy still in force.

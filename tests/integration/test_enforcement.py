@@ -236,3 +236,18 @@ def test_second_agent_on_same_state_is_refused(agent: AgentProcess, setup: tuple
     )
     assert out.returncode == 2
     assert "already running" in out.stderr
+
+
+def test_monitor_removes_an_allowed_image_that_binds_the_agents_state(
+    agent: AgentProcess, setup: tuple[Path, Dockerd], tmp_path: Path
+) -> None:
+    """The same runtime constraints as preventive mode, judged from the container's inspect data."""
+    config, engine = setup
+    engine.docker("run", "-d", "--name", "grabber", "-v", f"{tmp_path / 'state'}:/s", ALLOWED)
+    engine.docker("run", "-d", "--name", "fine", "-v", f"{tmp_path / 'elsewhere'}:/s", ALLOWED)
+    gone(engine, "grabber")
+    assert running(engine, "fine")
+    by_name = {d["container"]["name"]: d for d in decisions(config)}
+    assert by_name["grabber"]["reason"] == "runtime-constraint"
+    assert "agent-protection" in by_name["grabber"]["detail"]
+    assert by_name["fine"]["reason"] == "allowlisted"

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from agent.adapters.engine import Gone
-from agent.core.facts import ContainerFacts
+from agent.core.facts import ContainerFacts, facts_for_create
 from agent.runtime.enforcer import ContainerEngine
 
 
@@ -19,6 +20,8 @@ class FakeEngine:
 
     containers: Mapping[str, ContainerFacts] = field(default_factory=dict)
     lookup: Callable[[str], ContainerFacts] | None = None
+    #: image inspect data by the reference a create request names
+    images: Mapping[str, dict[str, Any]] = field(default_factory=dict)
     #: refuse every action (stop, pause, ...): for code that must only look
     read_only: bool = False
     forget: Callable[[str], bool] = lambda _image_id: False
@@ -37,6 +40,9 @@ class FakeEngine:
         if container_id not in self.containers:
             raise Gone(container_id)
         return self.containers[container_id]
+
+    def facts_for_create(self, request: dict[str, Any], name: str) -> ContainerFacts:
+        return facts_for_create(request, name, self.images.get(str(request.get("Image", ""))))
 
     def forget_image(self, image_id: str) -> bool:
         return self.forget(image_id)

@@ -72,6 +72,10 @@ class Recorder:
         self.calls.append(f"op:{request.op.value}")
         return DENY
 
+    def create(self, request: ApiRequest, body: bytes | None) -> Answer:
+        self.calls.append(f"create:{request.name}")
+        return DENY
+
     def __call__(self, ref: str) -> Answer:
         self.calls.append(ref)
         if isinstance(self.answer, Exception):
@@ -99,10 +103,18 @@ ANSWER_CASES = [
     ("start with User not a string", req(User=7), ALLOW, False, []),
     (
         "other request with a bad body",
-        req("POST", "/v1.41/containers/create", RequestBody="%%%"),
+        req("POST", "/v1.41/containers/abc/stop", RequestBody="%%%"),
         DENY,
         True,
         [],
+    ),
+    ("create with a bad body", req("POST", "/v1.41/containers/create", RequestBody="%%%"), ALLOW, False, []),
+    (
+        "create: judged on its body",
+        req("POST", "/v1.41/containers/create?name=x", RequestBody=B64),
+        ALLOW,
+        False,
+        ["create:x"],
     ),
     ("decider raises", req(), RuntimeError("boom"), False, ["abc"]),
     # the request target in absolute form is routed by its path, as dockerd does
