@@ -27,6 +27,7 @@ class Op(StrEnum):
     CONTAINER_EXEC = "container-exec"  # a new process in the container
     CONTAINER_COPY_IN = "container-copy-in"  # PUT .../archive: files written into the container
     CONTAINER_RENAME = "container-rename"
+    CONTAINER_REMOVE = "container-remove"
     PLUGIN = "plugin"  # managed plugins run a root filesystem's entrypoint as root
     SWARM = "swarm"  # swarm services start task containers inside the daemon, unseen by the plugin
     BUILD = "build"  # RUN steps execute code from any base image
@@ -73,7 +74,7 @@ _ROUTES: list[tuple[str, re.Pattern[str], Op]] = [
         # the verification that is unpausing it
         ("POST", _C + r"/(?:stop|kill|wait|pause|unpause|update|resize|attach)", Op.OTHER),
         ("POST", r"/containers/prune", Op.OTHER),
-        ("DELETE", _C, Op.OTHER),
+        ("DELETE", _C, Op.CONTAINER_REMOVE),
         ("POST", r"/exec/[^/]+/resize", Op.OTHER),
         ("POST", r"/images/(?:create|load|prune)", Op.OTHER),
         ("POST", r"/images/.+/(?:push|tag)", Op.OTHER),
@@ -138,7 +139,13 @@ def classify(method: str, target: str) -> ApiRequest:
         if op is Op.PLUGIN:
             name = ref or _query_value(query, "name") or _query_value(query, "remote")
             return ApiRequest(op, path, name=name)
-        if op in (Op.CONTAINER_START, Op.CONTAINER_EXEC, Op.CONTAINER_COPY_IN, Op.CONTAINER_RENAME):
+        if op in (
+            Op.CONTAINER_START,
+            Op.CONTAINER_EXEC,
+            Op.CONTAINER_COPY_IN,
+            Op.CONTAINER_RENAME,
+            Op.CONTAINER_REMOVE,
+        ):
             return ApiRequest(op, path, container=ref, name=_query_value(query, "name"))
         if op is Op.CONTAINER_CREATE:
             return ApiRequest(op, path, name=_query_value(query, "name"))

@@ -29,6 +29,7 @@ import socket
 import socketserver
 import stat
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
@@ -38,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from agent.adapters.engine import Gone
 from agent.config import PreventiveConfig
 from agent.core.api import ApiRequest, Op, classify
+from agent.core.facts import ContainerFacts
 from agent.errors import EngineError, InputError, StateError
 
 if TYPE_CHECKING:
@@ -115,8 +117,14 @@ def start_target(method: str, uri: str) -> str | None:
 
 
 class Decider(Protocol):
-    def __call__(self, ref: str) -> Answer:
+    def __call__(self, ref: str, *, start: bool = False) -> Answer:
         """Judge the container ``ref`` (a start, an exec or a copy into it)."""
+
+    def rebinding(self, request: ApiRequest) -> Answer:
+        """A rename or removal: refused while it could swap the container a pending start names."""
+
+    def responded(self, method: str, uri: str) -> None:
+        """dockerd has acted on a request (``AuthZRes``)."""
 
     def operation(self, request: ApiRequest) -> Answer:
         """Judge a plugin, swarm or build request."""
@@ -131,6 +139,8 @@ _ON_CONTAINER = frozenset({Op.CONTAINER_START, Op.CONTAINER_EXEC, Op.CONTAINER_C
 _SWITCHED = frozenset({Op.PLUGIN, Op.SWARM, Op.BUILD})
 #: judged on the request's body
 _ON_BODY = frozenset({Op.CONTAINER_CREATE})
+#: could change which container a name means
+_REBINDING = frozenset({Op.CONTAINER_RENAME, Op.CONTAINER_REMOVE})
 
 
 def answer_request(raw: bytes, decide: Decider) -> Answer:
@@ -148,6 +158,8 @@ def answer_request(raw: bytes, decide: Decider) -> Answer:
     if request.op is Op.UNKNOWN:
         log.warning("refused %s %s: %s", method, uri[:200], request.why)
         return Answer(False, f"ImageGuard: {request.why}; a request ImageGuard cannot classify is refused")
+    if request.op in _REBINDING:
+        return decide.rebinding(request)
     judged_container = request.op in _ON_CONTAINER and request.container is not None
     if not judged_container and request.op not in _SWITCHED | _ON_BODY:
         return ALLOW
@@ -165,10 +177,40 @@ def answer_request(raw: bytes, decide: Decider) -> Answer:
         return decide.operation(request)
     target = request.container or ""
     try:
-        return decide(target)
+        return decide(target, start=request.op is Op.CONTAINER_START)
     except Exception as exc:  # any failure to decide refuses the request
         log.exception("authorization of %s of %s failed", request.op.value, target)
         return Answer(False, f"ImageGuard could not decide on container {target}: {exc}; refused")
+
+
+class PendingStarts:
+    """Containers whose allowed start dockerd has not carried out yet, by every name they go by.
+
+    dockerd resolves the name in a start request again after the plugin allowed it, so a rename or a
+    remove-and-create in between could make it start another container than the one judged. While a start
+    is pending (until dockerd's ``AuthZRes`` for it, at most ``ttl`` seconds), renames and removals that
+    touch it are refused.
+    """
+
+    def __init__(self, ttl: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl = ttl
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._held: dict[str, tuple[float, frozenset[str]]] = {}  # start ref -> (expiry, all its names)
+
+    def hold(self, ref: str, *aliases: str) -> None:
+        with self._lock:
+            self._held[ref] = (self.clock() + self.ttl, frozenset(n for n in (ref, *aliases) if n))
+
+    def release(self, ref: str) -> None:
+        with self._lock:
+            self._held.pop(ref, None)
+
+    def active(self) -> set[str]:
+        now = self.clock()
+        with self._lock:
+            self._held = {r: v for r, v in self._held.items() if v[0] > now}
+            return set().union(*(names for _, names in self._held.values()))
 
 
 class Gate:
@@ -181,6 +223,27 @@ class Gate:
     def __init__(self, enforcer: Enforcer, rules: PreventiveConfig | None = None) -> None:
         self.enforcer = enforcer
         self.rules = rules or PreventiveConfig()
+        self.pending = PendingStarts()
+
+    def rebinding(self, request: ApiRequest) -> Answer:
+        held = self.pending.active()
+        if not held:
+            return ALLOW
+        touched = {request.container or "", request.name or ""} & held
+        if request.op is Op.CONTAINER_RENAME or touched:
+            what = "rename" if request.op is Op.CONTAINER_RENAME else "removal"
+            log.warning("refused the %s of %s while a start is being carried out", what, request.container)
+            return Answer(
+                False,
+                f"ImageGuard: a start of {', '.join(sorted(held))} is being carried out; a container {what} "
+                "could swap the container that starts, so it is refused: retry in a moment",
+            )
+        return ALLOW
+
+    def responded(self, method: str, uri: str) -> None:
+        request = classify(method, uri)
+        if request.op is Op.CONTAINER_START and request.container is not None:
+            self.pending.release(request.container)
 
     def create(self, request: ApiRequest, body: bytes | None) -> Answer:
         """A create of a container whose image is known to be disallowed (or started in a way the runtime
@@ -223,27 +286,54 @@ class Gate:
         """Close the engine connection this (connection) thread opened for its lookups."""
         self.enforcer.engine.close()
 
-    def __call__(self, ref: str) -> Answer:
+    def __call__(self, ref: str, *, start: bool = False) -> Answer:
         e = self.enforcer.policy.enforcement
         if not e.enabled or e.mode != "enforce":
             return ALLOW
+        if start:  # from before the lookup: the name must mean the same container until dockerd starts it
+            self.pending.hold(ref)
+        answer, facts = self._judge(ref)
+        if start and not answer.allow:
+            self.pending.release(ref)
+        elif start and facts is not None:
+            self.pending.hold(ref, facts.id, facts.name)
+        return answer
+
+    def _judge(self, ref: str) -> tuple[Answer, ContainerFacts | None]:
         try:
             handled = self.enforcer.authorize(ref)
         except Gone:
-            return Answer(False, f"ImageGuard: no such container {ref!r}; start refused")
+            return Answer(False, f"ImageGuard: no such container {ref!r}; start refused"), None
         except EngineError as exc:
             log.error("refused the start of %s: %s", ref, exc)
-            return Answer(False, f"ImageGuard cannot look up container {ref!r} ({exc}); start refused")
+            return Answer(False, f"ImageGuard cannot look up container {ref!r} ({exc}); start refused"), None
         d, facts = handled.decision, handled.facts
         name = facts.name or facts.short_id
         if d.verdict == "allowed":
             log.info("allowed start of container %s (%s): %s", name, facts.image, d.reason.value)
-            return ALLOW
+            return ALLOW, facts
         log.warning("prevented start of container %s (%s): %s", name, facts.image, d.detail)
-        return Answer(
-            False,
-            f"ImageGuard: image {facts.image} is not allowed on this device ({d.reason.value}: {d.detail})",
+        return (
+            Answer(
+                False,
+                f"ImageGuard: image {facts.image} is not allowed on this device ({d.reason.value}: {d.detail})",
+            ),
+            facts,
         )
+
+
+def _responded(raw: bytes, decide: Decider) -> None:
+    """Tell the decider that dockerd has acted (the answer is always "allow": acting is done by then)."""
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return
+    if (
+        isinstance(doc, dict)
+        and isinstance(doc.get("RequestMethod"), str)
+        and isinstance(doc.get("RequestUri"), str)
+    ):
+        decide.responded(doc["RequestMethod"], doc["RequestUri"])
 
 
 def _refusal(request: ApiRequest, rules: PreventiveConfig) -> str | None:
@@ -297,6 +387,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, answer.to_json())
         elif self.path == AUTHZ_RES:
             self._send(200, b'{"Allow":true}')
+            _responded(body, self.server.authorize)
         elif self.path == ACTIVATE:
             self._send(200, b'{"Implements":["authz"]}')
         else:

@@ -163,12 +163,12 @@ def _prepare_images(e: Env) -> None:
     e.images[ALLOWED] = eng.build_image(ALLOWED, "authz-allowed")
     e.images[OTHER] = eng.build_image(OTHER, "authz-other")
     e.images[WRITER] = eng.build_image(WRITER, "authz-writer", ["/bin/busybox", "mktemp", "/out/ran.XXXXXX"])
-    for name in ("signed", "unsigned", "slow"):
+    for name in ("signed", "unsigned", "slow", "renamed"):
         tag = e.image(name)
         eng.build_image(tag, f"authz-{name}")
         eng.docker("push", "-q", tag)
     key, pub, pw = generate_keys(e.config, e.root / "cosign", "authz test")
-    for name in ("signed", "slow"):
+    for name in ("signed", "slow", "renamed"):
         cli(
             e.config,
             "sign",
@@ -484,6 +484,31 @@ def test_slow_verification_is_denied_at_the_timeout(env: Env) -> None:
 
 
 VERIFICATION_WINDOW = (VERIFY_TIMEOUT, VERIFY_TIMEOUT + 1.5)
+
+
+def test_no_rename_or_removal_while_a_start_is_decided(env: Env) -> None:
+    """The decision is bound to the container dockerd starts: the name cannot be moved to another one."""
+    env.engine.docker("create", "--name", "judged", env.image("renamed"))
+    create_past_the_create_check(env, "impostor", OTHER)
+    env.verifier.delay = VERIFY_TIMEOUT * 0.6  # a signature check in progress: the start is pending
+    results: dict[str, subprocess.CompletedProcess[str]] = {}
+    starter = threading.Thread(
+        target=lambda: results.update(start=env.engine.docker("start", "judged", check=False))
+    )
+    try:
+        starter.start()
+        time.sleep(VERIFY_TIMEOUT * 0.2)
+        moved = env.engine.docker("rename", "judged", "elsewhere", check=False)
+        removed = env.engine.docker("rm", "-f", "judged", check=False)
+        starter.join(timeout=30)
+    finally:
+        env.verifier.delay = 0
+    assert moved.returncode != 0 and "a start of" in moved.stderr and "rename" in moved.stderr, moved.stderr
+    assert removed.returncode != 0 and "removal" in removed.stderr, removed.stderr
+    assert results["start"].returncode == 0, results["start"].stderr
+    assert env.state("judged") == "running" and env.state("impostor", "{{.State.StartedAt}}") == NEVER_STARTED
+    # once dockerd has started it, renames are free again
+    assert env.engine.docker("rename", "impostor", "impostor-2", check=False).returncode == 0
 
 
 # -- modes and the second line ---------------------------------------------------------------------------

@@ -43,7 +43,7 @@ CASES = [
     ("POST", "/v1.41/containers/abc/stop", Op.OTHER, None),
     ("POST", "/v1.41/containers/abc/unpause", Op.OTHER, None),
     ("POST", "/v1.41/containers/abc/kill?signal=KILL", Op.OTHER, None),
-    ("DELETE", "/v1.41/containers/abc?force=1", Op.OTHER, None),
+    ("DELETE", "/v1.41/containers/abc?force=1", Op.CONTAINER_REMOVE, "abc"),
     ("POST", "/v1.41/images/create?fromImage=x", Op.OTHER, None),
     ("POST", "/v1.41/networks/create", Op.OTHER, None),
     ("GET", "/v1.41/containers/json", Op.READ, None),

@@ -23,7 +23,16 @@ from agent.config import PreventiveConfig
 from agent.core.api import ApiRequest, classify
 from agent.core.policy import EffectivePolicy, Enforcement
 from agent.errors import EngineError, InputError, StateError
-from agent.runtime.authz import ALLOW, Answer, AuthzRequest, AuthzServer, Gate, answer_request, start_target
+from agent.runtime.authz import (
+    ALLOW,
+    Answer,
+    AuthzRequest,
+    AuthzServer,
+    Gate,
+    PendingStarts,
+    answer_request,
+    start_target,
+)
 
 START_CASES = [
     # (method, uri, container the request would start, or None)
@@ -76,7 +85,14 @@ class Recorder:
         self.calls.append(f"create:{request.name}")
         return DENY
 
-    def __call__(self, ref: str) -> Answer:
+    def rebinding(self, request: ApiRequest) -> Answer:
+        self.calls.append(f"rebind:{request.container}")
+        return DENY
+
+    def responded(self, method: str, uri: str) -> None:
+        self.calls.append(f"done:{uri}")
+
+    def __call__(self, ref: str, *, start: bool = False) -> Answer:
         self.calls.append(ref)
         if isinstance(self.answer, Exception):
             raise self.answer
@@ -135,6 +151,20 @@ ANSWER_CASES = [
     ("build: the switch", req(RequestUri="/build?t=x"), ALLOW, False, ["op:build"]),
     ("swarm service: the switch", req(RequestUri="/v1.41/services/create"), ALLOW, False, ["op:swarm"]),
     ("stop: runs nothing new", req(RequestUri="/v1.41/containers/abc/stop"), DENY, True, []),
+    (
+        "rename: may swap a pending start",
+        req(RequestUri="/v1.41/containers/abc/rename?name=x"),
+        ALLOW,
+        False,
+        ["rebind:abc"],
+    ),
+    (
+        "remove: may swap a pending start",
+        req("DELETE", "/v1.41/containers/abc?force=1"),
+        ALLOW,
+        False,
+        ["rebind:abc"],
+    ),
 ]
 
 
@@ -166,6 +196,7 @@ def test_parse_decodes_body_strictly() -> None:
 
 @dataclass
 class FakeFacts:
+    id: str = "c0ffee0000"
     name: str = "web"
     image: str = "acme/app:1"
     short_id: str = "c0ffee"
@@ -281,6 +312,40 @@ def test_gate_operations(
         assert "[preventive]" in answer.msg
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_pending_starts_hold_every_name_until_released_or_expired() -> None:
+    clock = Clock()
+    pending = PendingStarts(ttl=30, clock=clock)
+    pending.hold("web", "c0ffee", "web")
+    assert pending.active() == {"web", "c0ffee"}
+    pending.release("web")
+    assert pending.active() == set()
+    pending.hold("db", "d1")
+    clock.t = 31  # dockerd never answered: the hold expires
+    assert pending.active() == set()
+
+
+def test_gate_refuses_renames_and_removals_while_a_start_is_pending() -> None:
+    enforcer = FakeEnforcer(Enforcement(True, "enforce"), ALLOWED)
+    gate = Gate(enforcer)  # type: ignore[arg-type]
+    assert gate("web", start=True).allow
+    assert not gate.rebinding(classify("POST", "/containers/other/rename?name=web")).allow
+    assert not gate.rebinding(classify("DELETE", "/containers/web")).allow
+    assert gate.rebinding(classify("DELETE", "/containers/unrelated")).allow
+    gate.responded("POST", "/v1.41/containers/web/start")  # dockerd has started it
+    assert gate.rebinding(classify("POST", "/containers/other/rename?name=web")).allow
+    refused = Gate(FakeEnforcer(Enforcement(True, "enforce"), BLOCKED))  # type: ignore[arg-type]
+    assert not refused("web", start=True).allow
+    assert refused.rebinding(classify("POST", "/containers/web/rename?name=x")).allow  # nothing pending
+
+
 # -- the server on a real Unix socket ---------------------------------------------------------------
 
 
@@ -333,7 +398,7 @@ def test_protocol_round_trip(server: tuple[AuthzServer, Recorder]) -> None:
         assert status == 404 and "unknown" in doc["Err"]
     finally:
         conn.close()
-    assert decider.calls == ["abc"]
+    assert decider.calls == ["abc", "done:/v1.41/containers/abc/start"]  # the response is passed on
 
 
 def test_oversized_or_unsized_messages_are_refused(server: tuple[AuthzServer, Recorder]) -> None:
@@ -355,15 +420,18 @@ def test_decisions_may_call_back_into_the_server(sockdir: Path) -> None:
     """A start is decided by looking the container up through dockerd, which asks the plugin again."""
     path = sockdir / "p.sock"
 
-    def decider(ref: str) -> Answer:
-        nested = UnixConnection(path)
-        try:
-            status, doc = post(nested, "/AuthZPlugin.AuthZReq", req("GET", f"/v1.41/containers/{ref}/json"))
-        finally:
-            nested.close()
-        return Answer(status == 200 and doc["Allow"])
+    class Decider(Recorder):
+        def __call__(self, ref: str, *, start: bool = False) -> Answer:
+            nested = UnixConnection(path)
+            try:
+                status, doc = post(
+                    nested, "/AuthZPlugin.AuthZReq", req("GET", f"/v1.41/containers/{ref}/json")
+                )
+            finally:
+                nested.close()
+            return Answer(status == 200 and doc["Allow"])
 
-    srv = AuthzServer(path, decider)
+    srv = AuthzServer(path, Decider())
     srv.start()
     try:
         results: list[Any] = []
