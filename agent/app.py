@@ -24,7 +24,8 @@ from agent.config import Config
 from agent.control.service import Service
 from agent.core.decision import VerificationOutcome, VerifyTarget, rescan_reason
 from agent.core.facts import ContainerEvent
-from agent.errors import StateError
+from agent.core.records import plugin_slot_alert
+from agent.errors import EngineError, StateError
 from agent.runtime.enforcer import Enforcer, Handled, Verifier
 from agent.runtime.instances import InstanceManager
 from agent.runtime.monitor import Monitor
@@ -261,7 +262,9 @@ class Agent:
         self.instances.start()
         self.listener = Listener(self.config.state_dir, self._on_notify)
         self.listener.start()
-        self.monitor = Monitor(self.engine, self._on_event, self._on_connected)
+        self.monitor = Monitor(
+            self.engine, self._on_event, self._on_connected, on_plugin=lambda _e: self._check_plugin_slot()
+        )
         self.monitor.start()
         if self.cloud is not None:  # after the enforcer: requests and fleet layers may act at once
             self.cloud.start()
@@ -287,6 +290,23 @@ class Agent:
     def _on_connected(self, reconnect: bool) -> None:
         assert self.scanner is not None
         self.scanner.request("engine events resumed" if reconnect else "agent start")
+        self._check_plugin_slot()
+
+    def _check_plugin_slot(self) -> None:
+        """In preventive mode: say loudly (log and alert) when another plugin could answer for ImageGuard."""
+        if not self.config.preventive.enabled:
+            return
+        from agent.runtime.authz import plugin_slot_findings
+
+        try:
+            findings = plugin_slot_findings(self.engine, self.config.preventive.socket)
+        except EngineError as exc:
+            log.warning("cannot check who else answers dockerd's authorization questions: %s", exc)
+            return
+        for finding in findings:
+            log.error("authorization plugin slot: %s", finding)
+        if findings and self.service.telemetry:
+            self.service.queue_telemetry([plugin_slot_alert(self.config.device.id, findings)])
 
     def _on_notify(self, message: bytes) -> None:
         if self.instances is not None and self.instances.on_message(message):

@@ -15,12 +15,16 @@ import docker.errors
 import requests
 
 from agent.core.facts import (
+    PLUGIN_ACTIONS,
     ContainerEvent,
     ContainerFacts,
     ListedContainer,
+    PluginEvent,
     facts_for_create,
     facts_from_inspect,
+    parse_event,
 )
+from agent.core.plugins import ManagedPlugin
 from agent.errors import EngineError
 
 log = logging.getLogger(__name__)
@@ -130,6 +134,17 @@ class Engine:
         """``GET /info``: system-wide facts (authorization plugins, engine clock)."""
         info: dict[str, Any] = self._call("answer an info query", self._client().info)
         return info
+
+    def authorization_plugins(self) -> tuple[str, ...]:
+        """The authorization plugins dockerd asks, by name (``GET /info``)."""
+        plugins = (self.info().get("Plugins") or {}).get("Authorization") or ()
+        return tuple(str(p) for p in plugins)
+
+    def managed_plugins(self) -> tuple[ManagedPlugin, ...]:
+        """The engine's managed plugins (``GET /plugins``), parsed at the edge."""
+        items = self._call("list plugins", self._client().plugins)
+        listed = (ManagedPlugin.from_raw(i) for i in items or () if isinstance(i, dict))
+        return tuple(p for p in listed if p is not None)
 
     def container_facts(self, container_id: str) -> ContainerFacts:
         """Raises Gone if the container vanished."""
@@ -266,9 +281,9 @@ class Engine:
     # -- events ----------------------------------------------------------------------------------
 
     def open_events(self, since: str | None) -> EventStream:
-        """Open the event stream (container start events only), replaying from ``since`` if given."""
+        """Open the event stream (container starts, plugin installs), replaying from ``since`` if given."""
         client = self._new_client(None)
-        filters = {"type": ["container"], "event": ["start"]}
+        filters = {"type": ["container", "plugin"], "event": ["start", *PLUGIN_ACTIONS]}
         stream = self._call("stream events", client.events, since=since, filters=filters, decode=True)
         return EventStream(client, stream)
 
@@ -280,9 +295,9 @@ class EventStream:
         self._client = client
         self._stream = stream
 
-    def __iter__(self) -> Iterator[ContainerEvent]:
+    def __iter__(self) -> Iterator[ContainerEvent | PluginEvent]:
         for raw in self._stream:
-            if isinstance(raw, dict) and (event := ContainerEvent.from_raw(raw)) is not None:
+            if isinstance(raw, dict) and (event := parse_event(raw)) is not None:
                 yield event
 
     def close(self) -> None:

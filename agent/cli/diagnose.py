@@ -22,16 +22,16 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from agent.adapters.engine import Engine
+from agent.adapters.plugins import plugin_names, resolve_plugin
 from agent.app import LOCK_NAME, read_lock
 from agent.config import Config
+from agent.core.plugins import ManagedPlugin, slot_findings
 from agent.errors import EngineError
 from agent.runtime.authz import ACTIVATE
 
 Status = Literal["ok", "warn", "fail", "skip"]
 
 DAEMON_JSON = Path("/etc/docker/daemon.json")
-PLUGIN_SOCKET_DIR = Path("/run/docker/plugins")
-PLUGIN_SPEC_DIRS = (Path("/etc/docker/plugins"), Path("/usr/lib/docker/plugins"))
 #: before this the clock is certainly wrong (this release did not exist): certificates cannot be judged
 CLOCK_FLOOR = datetime(2025, 1, 1).timestamp()
 CLOCK_SKEW_WARN = 30.0
@@ -59,6 +59,8 @@ class Facts:
     authz_plugins: tuple[str, ...] = ()
     authz_source: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    #: the engine's managed plugins (None: could not be listed)
+    managed_plugins: tuple[ManagedPlugin, ...] | None = None
 
 
 def run_checks(config: Config, *, daemon_json: Path = DAEMON_JSON, now: float | None = None) -> list[Check]:
@@ -70,6 +72,7 @@ def run_checks(config: Config, *, daemon_json: Path = DAEMON_JSON, now: float | 
         engine,
         plugin,
         wiring,
+        check_plugin_slot(config, facts),
         check_state_dir(config.state_dir),
         check_broker(config),
         check_clock(facts, time.time() if now is None else now),
@@ -85,6 +88,7 @@ def check_engine(config: Config, facts: Facts) -> Check:
         engine = Engine(url, min(config.engine.timeout_seconds, ENGINE_TIMEOUT))
         version = engine.ping()
         facts.engine_info = engine.info()
+        facts.managed_plugins = engine.managed_plugins()
     except EngineError as exc:
         facts.engine_error = str(exc)
         hint = "start dockerd, or set [engine] url to its socket"
@@ -191,6 +195,29 @@ def check_plugin_wiring(config: Config, facts: Facts, daemon_json: Path) -> Chec
     return Check("plugin wiring", "skip", f"preventive mode is off and dockerd does not use it{note}")
 
 
+def check_plugin_slot(config: Config, facts: Facts) -> Check:
+    """Nothing else may answer dockerd's authorization questions, nor take ImageGuard's plugin name."""
+    if not config.preventive.enabled:
+        return Check("plugin slot", "skip", "preventive mode is off")
+    if facts.engine_info is None or facts.managed_plugins is None:
+        return Check("plugin slot", "skip", "the engine does not answer: its plugins cannot be listed")
+    configured = [str(n) for n in (facts.engine_info.get("Plugins") or {}).get("Authorization") or []]
+    findings = slot_findings(
+        plugin_names(config.preventive.socket, configured), configured, facts.managed_plugins
+    )
+    if findings:
+        return Check(
+            "plugin slot",
+            "fail",
+            "; ".join(findings),
+            "remove plugins you did not install (docker plugin ls; docker plugin rm -f NAME) and drop unknown "
+            "authorization plugins from dockerd's configuration",
+        )
+    return Check(
+        "plugin slot", "ok", "no other plugin answers dockerd's authorization questions or takes the name"
+    )
+
+
 def _authz_plugins(config: Config, facts: Facts, daemon_json: Path) -> tuple[list[str], str]:
     if facts.engine_info is not None:
         plugins = (facts.engine_info.get("Plugins") or {}).get("Authorization") or []
@@ -247,25 +274,6 @@ def _flag_values(args: Iterable[str], flag: str) -> list[str]:
 
 def _has_flag(args: Iterable[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in args)
-
-
-def resolve_plugin(name: str) -> str | None:
-    """The address dockerd uses for a legacy plugin name (socket dir first, then spec files)."""
-    for sock in (PLUGIN_SOCKET_DIR / f"{name}.sock", PLUGIN_SOCKET_DIR / name / f"{name}.sock"):
-        if sock.exists():
-            return f"unix://{sock}"
-    for d in PLUGIN_SPEC_DIRS:
-        for spec in (d / f"{name}.spec", d / name / f"{name}.spec"):
-            try:
-                return spec.read_text(encoding="utf-8").strip()
-            except OSError:
-                continue
-        try:
-            doc = json.loads((d / f"{name}.json").read_text(encoding="utf-8"))
-            return str(doc.get("Addr")) if isinstance(doc, dict) else None
-        except (OSError, ValueError):
-            continue
-    return None
 
 
 # -- state, broker, clock ------------------------------------------------------------------------------

@@ -49,6 +49,32 @@ class ContainerEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class PluginEvent:
+    """A managed plugin was installed or enabled: who answers dockerd may have changed."""
+
+    name: str
+    action: str
+    time_nano: int
+
+    @classmethod
+    def from_raw(cls, raw: Mapping[str, Any]) -> PluginEvent | None:
+        if raw.get("Type") != "plugin" or raw.get("Action") not in PLUGIN_ACTIONS:
+            return None
+        actor = raw.get("Actor") or {}
+        name = (actor.get("Attributes") or {}).get("name") or actor.get("ID") or ""
+        t = raw.get("timeNano")
+        return cls(str(name), str(raw["Action"]), t if isinstance(t, int) else 0)
+
+
+PLUGIN_ACTIONS = ("install", "enable", "create")
+
+
+def parse_event(raw: Mapping[str, Any]) -> ContainerEvent | PluginEvent | None:
+    """One /events record as the event we act on, or None."""
+    return ContainerEvent.from_raw(raw) or PluginEvent.from_raw(raw)
+
+
+@dataclass(frozen=True, slots=True)
 class ContainerFacts:
     """What the engine says about one container and its image, at one moment."""
 

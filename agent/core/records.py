@@ -199,3 +199,18 @@ def policy_event(
     if detail:
         msg["detail"] = detail
     return OutboxMessage("policy", msg, PRIORITY_POLICY)
+
+
+def plugin_slot_alert(device: str, findings: list[str], now: float | None = None) -> OutboxMessage:
+    """An ``.../alerts`` message: something other than ImageGuard could answer dockerd's authorization."""
+    return OutboxMessage(
+        "alerts",
+        {
+            "id": new_id(),
+            "time": utc_now(now),
+            "device": device,
+            "alert": "authz-plugin-slot",
+            "findings": findings,
+        },
+        PRIORITY_ALERT,
+    )

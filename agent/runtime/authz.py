@@ -36,10 +36,12 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from agent.adapters.engine import Gone
+from agent.adapters.engine import Engine, Gone
+from agent.adapters.plugins import plugin_names
 from agent.config import PreventiveConfig
 from agent.core.api import ApiRequest, Op, classify
 from agent.core.facts import ContainerFacts
+from agent.core.plugins import slot_findings
 from agent.errors import EngineError, InputError, StateError
 
 if TYPE_CHECKING:
@@ -320,6 +322,12 @@ class Gate:
             ),
             facts,
         )
+
+
+def plugin_slot_findings(engine: Engine, socket: Path) -> list[str]:
+    """What threatens the plugin slot of the plugin served on ``socket`` (agent/core/plugins.py)."""
+    configured = engine.authorization_plugins()
+    return slot_findings(plugin_names(socket, configured), configured, engine.managed_plugins())
 
 
 def _responded(raw: bytes, decide: Decider) -> None:

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 
 from agent.adapters.engine import Engine, EventStream
-from agent.core.facts import ContainerEvent
+from agent.core.facts import ContainerEvent, PluginEvent
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,7 @@ class Monitor:
         on_event: Callable[[ContainerEvent], None],
         on_connected: Callable[[bool], None],
         *,
+        on_plugin: Callable[[PluginEvent], None] | None = None,
         min_backoff: float = 0.2,
         max_backoff: float = 5.0,
     ) -> None:
@@ -35,6 +36,7 @@ class Monitor:
         self.on_event = on_event
         #: called after each successful (re)connect; the argument is True for a reconnect
         self.on_connected = on_connected
+        self.on_plugin = on_plugin
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
         self.connected = threading.Event()
@@ -87,6 +89,10 @@ class Monitor:
             first = False
             try:
                 for event in stream:
+                    if isinstance(event, PluginEvent):
+                        if self.on_plugin is not None:
+                            self.on_plugin(event)
+                        continue
                     key = (event.container_id, event.time_nano)
                     if key == last:
                         continue  # the replay repeats the event at the 'since' boundary

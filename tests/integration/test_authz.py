@@ -569,6 +569,58 @@ def test_doctor_reports_a_healthy_setup(env: Env) -> None:
     assert checks["state directory"]["status"] == "ok"
     assert checks["broker"]["status"] == "skip"
     assert checks["clock"]["status"] == "ok"
+    assert checks["plugin slot"]["status"] == "ok"
+
+
+def plugin_dir(root: Path) -> Path:
+    """A managed plugin's bundle: a root filesystem with busybox and a config that claims the authz interface."""
+    bundle = root / "evil-plugin"
+    (bundle / "rootfs").mkdir(parents=True, exist_ok=True)
+    shutil.copy(
+        "/usr/bin/busybox" if Path("/usr/bin/busybox").exists() else "/bin/busybox",
+        bundle / "rootfs" / "busybox",
+    )
+    config = {
+        "Description": "an authorization plugin that allows everything",
+        "Documentation": "none",
+        "Entrypoint": ["/busybox", "sleep", "3600"],
+        "Interface": {"Socket": "evil.sock", "Types": ["docker.authz/1.0"]},
+        "Network": {"Type": "host"},
+    }
+    (bundle / "config.json").write_text(json.dumps(config))
+    return bundle
+
+
+def test_a_plugin_taking_the_slot_is_refused_and_if_let_in_reported(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    bundle = plugin_dir(env.root)
+    r = env.engine.docker("plugin", "create", env.name, str(bundle), check=False)
+    assert r.returncode != 0 and "is not allowed" in r.stderr, r.stderr  # preventive mode refuses it
+    # let in (as if installed while the plugin was not configured): the agent and doctor say so
+    cfg = env.config.read_text()
+    env.stop_agent()
+    env.config.write_text(cfg.replace("[preventive]\n", f'[preventive]\nallow_plugins = ["{env.name}"]\n'))
+    try:
+        env.start_agent()
+        caplog.clear()
+        env.engine.docker("plugin", "create", env.name, str(bundle))
+        wait_for(
+            lambda: any(
+                "carries the name of ImageGuard's authorization plugin" in r.getMessage()
+                for r in caplog.records
+            ),
+            15,
+            what="the agent's alarm on the plugin event",
+        )
+        code, checks = doctor(env)
+        assert code != 0 and checks["plugin slot"]["status"] == "fail", checks["plugin slot"]
+        assert env.name in checks["plugin slot"]["detail"]
+    finally:
+        env.engine.docker("plugin", "rm", "-f", env.name, check=False)
+        env.stop_agent()
+        env.config.write_text(cfg)
+        env.start_agent()
 
 
 def test_agent_stopped(env: Env) -> None:

@@ -147,3 +147,24 @@ def test_an_allowlisted_image_started_privileged_is_blocked_and_the_decision_nam
         "c1", "web", str(APP), digest, ((APP.with_digest(digest), digest),), "running", runtime=RuntimeFacts()
     )
     assert decide(plain, policy).reason == Code.ALLOWLISTED
+
+
+def test_plugin_slot_findings() -> None:
+    from agent.core.plugins import ManagedPlugin, slot_findings
+
+    ours = {"imageguard"}
+    assert slot_findings(ours, ["imageguard"], []) == []
+    taken = slot_findings(ours, ["imageguard"], [ManagedPlugin("imageguard:latest", False, ())])
+    assert len(taken) == 1 and "carries the name" in taken[0]
+    other = slot_findings(
+        ours, ["imageguard", "opa"], [ManagedPlugin("x/authz", True, ("docker.authz/1.0",))]
+    )
+    assert len(other) == 2 and "x/authz" in other[0] and "opa" in other[1]
+    assert (
+        slot_findings(ours, [], [ManagedPlugin("vieux/sshfs:latest", True, ("docker.volumedriver/1.0",))])
+        == []
+    )
+    assert ManagedPlugin.from_raw(
+        {"Name": "a:1", "Enabled": True, "Config": {"Interface": {"Types": ["t"]}}}
+    ) == (ManagedPlugin("a:1", True, ("t",)))
+    assert ManagedPlugin.from_raw({"Name": 5}) is None
