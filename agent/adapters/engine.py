@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any, cast
@@ -37,6 +38,9 @@ def _version_key(version: str) -> tuple[int, ...]:
     return tuple(int(p) for p in version.split(".") if p.isdigit())
 
 
+#: how long a create-time image lookup by reference is reused
+REF_CACHE_SECONDS = 5.0
+
 _CONNECTION_ERRORS = (requests.exceptions.ConnectionError, requests.exceptions.Timeout, OSError)
 
 
@@ -59,6 +63,8 @@ class Engine:
         # image id -> image inspect: an image id names immutable content, so the cache never goes stale
         self._images: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._images_lock = threading.Lock()
+        #: image reference -> (expiry, inspect data or None), for create-time answers only
+        self._by_ref: OrderedDict[str, tuple[float, dict[str, Any] | None]] = OrderedDict()
         self._version: str | None = None
 
     def _client(self) -> docker.APIClient:
@@ -154,12 +160,26 @@ class Engine:
         return facts_from_inspect(container, image)
 
     def facts_for_create(self, request: dict[str, Any], name: str) -> ContainerFacts:
-        """What a create request would make (its image looked up by the reference it names)."""
+        """What a create request would make (its image looked up by the reference it names).
+
+        The lookup by reference is reused for a few seconds: a tag that moves meanwhile can only make the
+        create-time answer wrong, never the start's, which is decided on the created container itself.
+        """
         ref = str(request.get("Image", ""))
-        try:
-            image = self._call("inspect an image", self._client().inspect_image, ref) if ref else None
-        except Gone:
-            image = None
+        now = time.monotonic()
+        with self._images_lock:
+            hit = self._by_ref.get(ref)
+        if hit is not None and hit[0] > now:
+            image = hit[1]
+        else:
+            try:
+                image = self._call("inspect an image", self._client().inspect_image, ref) if ref else None
+            except Gone:
+                image = None
+            with self._images_lock:
+                self._by_ref[ref] = (now + REF_CACHE_SECONDS, image if isinstance(image, dict) else None)
+                while len(self._by_ref) > 256:
+                    self._by_ref.popitem(last=False)
         return facts_for_create(request, name, image if isinstance(image, dict) else None)
 
     def _image(self, image_id: str) -> dict[str, Any] | None:

@@ -25,6 +25,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import socket
 import socketserver
 import stat
@@ -125,8 +126,8 @@ class Decider(Protocol):
     def rebinding(self, request: ApiRequest) -> Answer:
         """A rename or removal: refused while it could swap the container a pending start names."""
 
-    def responded(self, method: str, uri: str) -> None:
-        """dockerd has acted on a request (``AuthZRes``)."""
+    def responded(self, method: str, uri: str, status: int, body: bytes | None) -> None:
+        """dockerd has acted on a request (``AuthZRes``): its status and response body."""
 
     def operation(self, request: ApiRequest) -> Answer:
         """Judge a plugin, swarm or build request."""
@@ -242,10 +243,20 @@ class Gate:
             )
         return ALLOW
 
-    def responded(self, method: str, uri: str) -> None:
+    def responded(self, method: str, uri: str, status: int, body: bytes | None) -> None:
         request = classify(method, uri)
         if request.op is Op.CONTAINER_START and request.container is not None:
             self.pending.release(request.container)
+        elif request.op is Op.CONTAINER_CREATE and status == 201 and body:
+            try:
+                created = json.loads(body)
+            except (ValueError, UnicodeDecodeError):
+                return
+            cid = created.get("Id") if isinstance(created, dict) else None
+            if isinstance(cid, str) and re.fullmatch(r"[0-9a-f]{64}", cid):
+                self.enforcer.prefetch(cid)  # the start that follows needs no engine lookup of its own
+        elif request.op is Op.CONTAINER_RENAME:
+            self.enforcer.forget_prefetched()
 
     def create(self, request: ApiRequest, body: bytes | None) -> Answer:
         """A create of a container whose image is known to be disallowed (or started in a way the runtime
@@ -336,12 +347,18 @@ def _responded(raw: bytes, decide: Decider) -> None:
         doc = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         return
-    if (
-        isinstance(doc, dict)
-        and isinstance(doc.get("RequestMethod"), str)
-        and isinstance(doc.get("RequestUri"), str)
-    ):
-        decide.responded(doc["RequestMethod"], doc["RequestUri"])
+    if not isinstance(doc, dict):
+        return
+    method, uri, status = doc.get("RequestMethod"), doc.get("RequestUri"), doc.get("ResponseStatusCode")
+    if not isinstance(method, str) or not isinstance(uri, str):
+        return
+    body = None
+    if isinstance(doc.get("ResponseBody"), str):
+        try:
+            body = base64.b64decode(doc["ResponseBody"], validate=True)
+        except (binascii.Error, ValueError):
+            body = None
+    decide.responded(method, uri, status if isinstance(status, int) else 0, body)
 
 
 def _refusal(request: ApiRequest, rules: PreventiveConfig) -> str | None:

@@ -148,6 +148,8 @@ class Enforcer:
         self._inflight: dict[tuple[Any, ...], Future[VerificationOutcome]] = {}
         #: container id -> (policy, time) of a start the authorization plugin just allowed
         self._authorized: dict[str, tuple[EffectivePolicy, float]] = {}
+        #: container id -> facts being fetched right after its create (agent/runtime/authz.py)
+        self._prefetch: dict[str, Future[ContainerFacts]] = {}
         #: containers allowed at some point (bounded): only these get a grace period when they lose that
         self._allowed_once: dict[str, None] = {}
         self._lock = threading.Lock()
@@ -267,7 +269,7 @@ class Enforcer:
         A cached image may lack registry digests added since (a later pull or push), so anything short of
         "allowed" is decided again on a fresh inspect before it counts.
         """
-        facts = self.engine.container_facts(container_id)
+        facts = self._prefetched_facts(container_id) or self.engine.container_facts(container_id)
         decision = decide(facts, policy, self._evidence())
         stale = decision.verdict != "allowed" and facts.image_id is not None
         if stale and self.engine.forget_image(str(facts.image_id)):
@@ -296,6 +298,42 @@ class Enforcer:
                 if len(self._authorized) > 4096:  # bounded: drop the oldest
                     del self._authorized[next(iter(self._authorized))]
         return Handled(record, decision, facts)
+
+    def prefetch(self, container_id: str) -> None:
+        """Look a just-created container up in the background, so that the start that usually follows is
+        decided without waiting for the engine (a container's image and options never change after create;
+        a rename drops what was fetched)."""
+        fut: Future[ContainerFacts] = Future()
+        with self._lock:
+            self._prefetch[container_id] = fut
+            while len(self._prefetch) > 256:
+                del self._prefetch[next(iter(self._prefetch))]
+
+        def run() -> None:
+            try:
+                fut.set_result(self.engine.container_facts(container_id))
+            except BaseException as exc:
+                fut.set_exception(exc)
+            finally:
+                self.engine.close()  # this thread's connection
+
+        threading.Thread(target=run, name="prefetch", daemon=True).start()
+
+    def forget_prefetched(self) -> None:
+        with self._lock:
+            self._prefetch.clear()
+
+    def _prefetched_facts(self, container_id: str) -> ContainerFacts | None:
+        with self._lock:
+            fut = self._prefetch.pop(container_id, None)
+        if fut is None:
+            return None
+        try:
+            facts = fut.result(timeout=self.settings.verify_timeout_seconds)
+        except Exception:  # a failed or slow prefetch: look it up again
+            return None
+        log.debug("container %s: decided on the facts fetched after its create", container_id[:12])
+        return facts
 
     def authorize_create(self, facts: ContainerFacts) -> Decision:
         """Judge a container before it is created (the authorization plugin): refuse what is known to be

@@ -9,6 +9,7 @@ with ``imageguard sign``.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import socket as socket_mod
 import subprocess
@@ -412,6 +413,19 @@ def test_runtime_constraints_refuse_an_allowed_image_started_unsafely(env: Env) 
         set_runtime_rules(env, [])
         cli(env.config, "allowlist", "remove", env.images[WRITER], check=True)
         env.wait_policy(lambda p: writer not in p.allowlist, "writer withdrawn")
+
+
+def test_a_start_after_a_judged_create_needs_no_engine_lookup(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    """dockerd shows the plugin the create's response: the container is looked up before its start arrives."""
+    caplog.set_level(logging.DEBUG, logger="agent.runtime.enforcer")
+    cid = env.engine.docker("run", "-d", "--name", "quick", ALLOWED).stdout.strip()
+    assert env.state("quick") == "running"
+    assert any(
+        "decided on the facts fetched after its create" in r.getMessage() and cid[:12] in r.getMessage()
+        for r in caplog.records
+    )
 
 
 def test_allowed_and_signed_images_run(env: Env) -> None:

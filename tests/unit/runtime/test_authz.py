@@ -89,7 +89,7 @@ class Recorder:
         self.calls.append(f"rebind:{request.container}")
         return DENY
 
-    def responded(self, method: str, uri: str) -> None:
+    def responded(self, method: str, uri: str, status: int, body: bytes | None) -> None:
         self.calls.append(f"done:{uri}")
 
     def __call__(self, ref: str, *, start: bool = False) -> Answer:
@@ -339,7 +339,7 @@ def test_gate_refuses_renames_and_removals_while_a_start_is_pending() -> None:
     assert not gate.rebinding(classify("POST", "/containers/other/rename?name=web")).allow
     assert not gate.rebinding(classify("DELETE", "/containers/web")).allow
     assert gate.rebinding(classify("DELETE", "/containers/unrelated")).allow
-    gate.responded("POST", "/v1.41/containers/web/start")  # dockerd has started it
+    gate.responded("POST", "/v1.41/containers/web/start", 204, None)  # dockerd has started it
     assert gate.rebinding(classify("POST", "/containers/other/rename?name=web")).allow
     refused = Gate(FakeEnforcer(Enforcement(True, "enforce"), BLOCKED))  # type: ignore[arg-type]
     assert not refused("web", start=True).allow
