@@ -586,6 +586,33 @@ def test_doctor_reports_a_healthy_setup(env: Env) -> None:
     assert checks["plugin slot"]["status"] == "ok"
 
 
+def restarted_with(env: Env, preventive_line: str) -> None:
+    """Restart the agent with one more line in its [preventive] section (the original comes back after)."""
+    cfg = env.config.read_text()
+    env.stop_agent()
+    env.config.write_text(cfg.replace("[preventive]\n", f"[preventive]\n{preventive_line}\n"))
+    env.start_agent()
+    env.config.write_text(cfg)  # the file is read at start only
+
+
+def test_swarm_services_are_refused_even_on_a_swarm_manager(env: Env) -> None:
+    """A swarm's tasks are started by the daemon itself, with no request the plugin sees: refuse services."""
+    restarted_with(env, "allow_swarm = true")  # the device owner made this engine a swarm manager
+    try:
+        env.engine.docker("swarm", "init", "--advertise-addr", "127.0.0.1", timeout=120)
+        env.stop_agent()
+        env.start_agent()  # swarm switched off again
+        r = env.engine.docker("service", "create", "--name", "evil-svc", OTHER, check=False, timeout=120)
+        assert r.returncode != 0 and "swarm operations are refused" in r.stderr, r.stderr
+        services = env.engine.docker("service", "ls", "--format", "{{.Name}}", check=False).stdout.split()
+        assert "evil-svc" not in services
+    finally:
+        restarted_with(env, "allow_swarm = true")
+        env.engine.docker("swarm", "leave", "--force", check=False, timeout=120)
+        env.stop_agent()
+        env.start_agent()
+
+
 def plugin_dir(root: Path) -> Path:
     """A managed plugin's bundle: a root filesystem with busybox and a config that claims the authz interface."""
     bundle = root / "evil-plugin"
