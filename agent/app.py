@@ -94,8 +94,9 @@ def read_lock(path: Path) -> dict[str, Any] | None:
 class Scanner:
     """Runs requested rescans on its own thread; requests made during a scan coalesce into one more."""
 
-    def __init__(self, enforcer: Enforcer) -> None:
+    def __init__(self, enforcer: Enforcer, reconcile_seconds: float = 30.0) -> None:
         self.enforcer = enforcer
+        self.reconcile_seconds = reconcile_seconds
         self._wanted = threading.Event()
         self._stop = threading.Event()
         self._reasons: list[str] = []
@@ -108,6 +109,15 @@ class Scanner:
     def start(self) -> None:
         self._thread.start()
 
+    def _reconcile(self) -> None:
+        try:
+            missed = self.enforcer.reconcile()
+        except Exception as exc:
+            log.warning("periodic check of the containers failed: %s", exc)
+            return
+        if missed:
+            log.warning("periodic check: %d containers had no decision in force; deciding them now", missed)
+
     def request(self, reason: str) -> None:
         with self._lock:
             self._reasons.append(reason)
@@ -116,7 +126,9 @@ class Scanner:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._wanted.wait()
+            if not self._wanted.wait(self.reconcile_seconds):
+                self._reconcile()  # nothing asked for a scan meanwhile: the cheap periodic check
+                continue
             if self._stop.is_set():
                 return
             self._wanted.clear()
@@ -256,7 +268,7 @@ class Agent:
                 self.enforcer.close()
                 self.lock.release()
                 raise
-        self.scanner = Scanner(self.enforcer)
+        self.scanner = Scanner(self.enforcer, self.config.enforcement.reconcile_seconds)
         self.scanner.start()
         self.instances = InstanceManager(self.config, self.service, self.engine, on_pins_changed=self.reload)
         self.instances.start()
@@ -285,7 +297,7 @@ class Agent:
 
     def _on_event(self, event: ContainerEvent) -> None:
         assert self.enforcer is not None
-        self.enforcer.submit(event.container_id, "start")
+        self.enforcer.submit(event.container_id, "start", event)
 
     def _on_connected(self, reconnect: bool) -> None:
         assert self.scanner is not None

@@ -42,6 +42,8 @@ class EnforcementConfig:
     verify_timeout_seconds: float = 10.0
     #: how long a failed verification is remembered, so a burst of starts costs one verification
     negative_cache_seconds: float = 60.0
+    #: how often every container is checked against what was decided (catches anything missed)
+    reconcile_seconds: float = 30.0
 
 
 @dataclass(frozen=True)

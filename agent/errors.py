@@ -82,6 +82,7 @@ class Code(StrEnum):
     VERIFICATION_ERROR = "verification-error"
     VERIFICATION_TIMEOUT = "verification-timeout"
     VERIFIED = "verified"
+    VANISHED = "vanished-before-inspection"
     VERIFIED_BEFORE = "verified-before"
     WRONG_TARGET = "wrong-target"
 

@@ -131,6 +131,14 @@ class CloudConnection:
                 "enforcement": policy.enforcement.mode if policy.enforcement.enabled else "disabled",
                 "outbox_queued": str(self.service.store.outbox_size()),
                 "outbox_dropped": str(dropped),
+                # enforcement that had to be retried (agent/runtime/enforcer.py): never silent
+                "enforcement_retries": str(counters.get("retries", 0)),
+                "enforcement_failures": str(
+                    sum(
+                        counters.get(k, 0)
+                        for k in ("engine_errors", "removal_failures", "enforcement_errors")
+                    )
+                ),
             },
         )
 

@@ -216,3 +216,17 @@ def facts_for_create(
             image_config=img.get("Config"),
         ),
     )
+
+
+def facts_from_event(event: ContainerEvent) -> ContainerFacts:
+    """What a start event alone says of a container (it was gone before it could be inspected)."""
+    image_id: Digest | None = None
+    repo_digests: tuple[tuple[ImageRef, Digest], ...] = ()
+    if (parsed := parse_repo_digest(event.image)) is not None:
+        repo_digests = (parsed,)
+    else:
+        try:
+            image_id = Digest.parse(event.image)
+        except ImageGuardError:
+            image_id = None
+    return ContainerFacts(event.container_id, event.name, event.image, image_id, repo_digests, "gone")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
 
+from agent.adapters.cgroups import CgroupError, ContainerCgroup
 from agent.adapters.engine import Gone
 from agent.adapters.store import Store
 from agent.config import EnforcementConfig
@@ -31,12 +32,15 @@ from agent.core.decision import (
     decide,
 )
 from agent.core.digest import Digest
-from agent.core.facts import ContainerFacts
+from agent.core.facts import ContainerEvent, ContainerFacts, facts_from_event
 from agent.core.policy import EffectivePolicy
 from agent.core.records import DecisionRecord, decision_record, decision_telemetry
 from agent.errors import Code, EngineError, ImageGuardError
 
 log = logging.getLogger(__name__)
+
+RETRY_MIN_SECONDS = 0.5
+RETRY_MAX_SECONDS = 30.0
 
 
 #: how long a start the authorization plugin allowed spares the monitor deciding again on its start event
@@ -134,6 +138,7 @@ class Enforcer:
         telemetry: bool = False,
         lanes: int = 8,
         clock: Callable[[], float] = time.time,
+        cgroups: Callable[[str], ContainerCgroup | None] = ContainerCgroup.find,
     ) -> None:
         self.engine = engine
         self.store = store
@@ -142,12 +147,22 @@ class Enforcer:
         self.verifier = verifier
         self.telemetry = telemetry
         self.clock = clock
+        #: a container's cgroup by id (freeze, thaw, kill without dockerd)
+        self.cgroups = cgroups
         self._policy = policy
         self._verified = store.verified()
         self._failures: dict[Digest, tuple[FailedVerification, float]] = {}
         self._inflight: dict[tuple[Any, ...], Future[VerificationOutcome]] = {}
         #: container id -> (policy, time) of a start the authorization plugin just allowed
         self._authorized: dict[str, tuple[EffectivePolicy, float]] = {}
+        #: containers frozen through their cgroup, waiting for their decision
+        self._frozen: dict[str, ContainerCgroup] = {}
+        #: containers with a final decision acted on (bounded): the periodic check skips them
+        self._decided: dict[str, None] = {}
+        #: failed attempts per container (retried with backoff until decided)
+        self._attempts: dict[str, int] = {}
+        #: failures and retries, also in the store's counters once it answers
+        self.counters: dict[str, int] = {}
         #: container id -> facts being fetched right after its create (agent/runtime/authz.py)
         self._prefetch: dict[str, Future[ContainerFacts]] = {}
         #: containers allowed at some point (bounded): only these get a grace period when they lose that
@@ -180,8 +195,87 @@ class Enforcer:
 
     # -- entry points ------------------------------------------------------------------------------
 
-    def submit(self, container_id: str, trigger: str) -> Future[Handled | None]:
-        return self._lanes.submit(container_id, lambda: self.handle(container_id, trigger))
+    def submit(
+        self, container_id: str, trigger: str, event: ContainerEvent | None = None
+    ) -> Future[Handled | None]:
+        """Queue a decision. A container just started and not known to be allowed is frozen here, before
+        it waits for its lane: from now on it executes no instruction until it is thawed or killed."""
+        if trigger == "start" and not self._authorized_now(container_id):
+            self._freeze(container_id)
+        return self._lanes.submit(container_id, lambda: self._handle_safely(container_id, trigger, event))
+
+    def _handle_safely(self, container_id: str, trigger: str, event: ContainerEvent | None) -> Handled | None:
+        """:meth:`handle`, and when the engine fails, a retry with backoff: nothing is left undecided."""
+        try:
+            handled = self.handle(container_id, trigger, event=event)
+        except EngineError as exc:
+            self._count("engine_errors")
+            self._retry_later(container_id, f"could not decide on container {container_id[:12]}: {exc}")
+            return None
+        except Exception:
+            self._count("enforcement_errors")
+            log.exception("deciding on container %s failed", container_id[:12])
+            self._retry_later(container_id, "internal error")
+            return None
+        with self._lock:
+            self._attempts.pop(container_id, None)
+        return handled
+
+    def _retry_later(self, container_id: str, why: str) -> None:
+        with self._lock:
+            attempt = self._attempts.get(container_id, 0) + 1
+            self._attempts[container_id] = attempt
+        delay = min(RETRY_MAX_SECONDS, RETRY_MIN_SECONDS * 2 ** (attempt - 1))
+        self._count("retries")
+        log.warning("%s; retry %d in %.1fs", why, attempt, delay)
+        timer = threading.Timer(
+            delay,
+            lambda: self._lanes.submit(
+                container_id, lambda: self._handle_safely(container_id, "retry", None)
+            ),
+        )
+        timer.daemon = True
+        timer.start()
+
+    def _count(self, name: str) -> None:
+        """Counted in memory at once (status, telemetry) and in the store when it answers."""
+        with self._lock:
+            self.counters[name] = self.counters.get(name, 0) + 1
+        try:
+            self.store.bump(name)
+        except Exception:  # storage trouble never stops enforcement
+            log.debug("could not count %s in the store", name, exc_info=True)
+
+    def _authorized_now(self, container_id: str) -> bool:
+        with self._lock:
+            entry = self._authorized.get(container_id)
+        return entry is not None and entry[0] is self._policy
+
+    def _freeze(self, container_id: str) -> None:
+        if not self._policy.enforcement.enabled or self._policy.enforcement.mode != "enforce":
+            return
+        try:
+            cg = self.cgroups(container_id)
+            if cg is None:
+                return
+            cg.freeze()
+        except CgroupError as exc:
+            log.debug("could not freeze %s: %s", container_id[:12], exc)
+            return
+        with self._lock:
+            self._frozen[container_id] = cg
+
+    def reconcile(self) -> int:
+        """Decide again on every container not known to be allowed (cheap: one list, set look-ups).
+
+        Anything a lost event, a failed retry or a race let through is caught here. Returns how many.
+        """
+        with self._lock:
+            known = set(self._decided) | set(self._frozen) | set(self._attempts)
+        missed = [cid for cid in self.engine.container_ids() if cid not in known]
+        for cid in missed:
+            self.submit(cid, "reconcile")
+        return len(missed)
 
     def scan(self, *, dry_run: bool = False, trigger: str = "scan") -> list[Handled]:
         """Decide (and unless ``dry_run``, act) on every container, running or stopped."""
@@ -203,16 +297,35 @@ class Enforcer:
 
     # -- one container -----------------------------------------------------------------------------
 
-    def handle(self, container_id: str, trigger: str, *, dry_run: bool = False) -> Handled | None:
+    def handle(
+        self, container_id: str, trigger: str, *, dry_run: bool = False, event: ContainerEvent | None = None
+    ) -> Handled | None:
+        with self._lock:
+            frozen = self._frozen.pop(container_id, None)
         if trigger == "start" and self._just_authorized(container_id):
             log.debug("container %s was allowed before it started; not deciding again", container_id[:12])
+            self._thaw(frozen)
             return None
         policy = self._policy
         try:
             facts, decision = self._decide(container_id, policy)
         except Gone:
-            log.debug("container %s vanished before it could be inspected", container_id[:12])
-            return None
+            if event is None or dry_run:
+                log.debug("container %s vanished before it could be inspected", container_id[:12])
+                return None
+            return self._vanished(event, policy)
+        except BaseException:
+            if frozen is not None:
+                with self._lock:  # still frozen: the retry decides it
+                    self._frozen[container_id] = frozen
+            raise
+        if (
+            frozen is None
+            and not dry_run
+            and trigger in ("scan", "retry", "reconcile")
+            and facts.state == "running"
+        ):
+            frozen = self._frozen_by_us(facts)  # an agent that crashed mid-verification left it frozen
         paused = False
         if decision.pending:
             if dry_run:
@@ -224,8 +337,9 @@ class Enforcer:
                     verify=decision.verify,
                 )
                 return Handled(self._record(decision, facts, policy, trigger, "none"), decision, facts)
-            if policy.enforcement.mode == "enforce" and facts.state == "running":
-                paused = self._pause(facts)
+            if policy.enforcement.mode == "enforce" and facts.state == "running" and frozen is None:
+                frozen = self._freeze_now(facts.id)
+                paused = frozen is None and self._pause(facts)  # no cgroup access: the engine's pause
             decision = conclude(decision, self._verify(decision.verify), policy)
         action = "none"
         if decision.verdict == "blocked":
@@ -234,13 +348,85 @@ class Enforcer:
             action = "unpause"
         record = self._record(decision, facts, policy, trigger, action)
         if dry_run:
+            self._thaw(frozen)
             return Handled(record, decision, facts)
         # judged before this decision is stored: what counts is whether it was allowed until now
-        grace = 0 if paused or action != "remove" else self._grace_for(facts.id, trigger)
+        grace = (
+            0 if paused or frozen is not None or action != "remove" else self._grace_for(facts.id, trigger)
+        )
+        if action == "remove" and grace == 0:
+            self._kill(facts, frozen)  # first, and without dockerd: its processes stop where they stand
+        else:
+            self._thaw(frozen)
         self._save(record)
         if decision.verdict == "allowed":
             self._remember_allowed(facts.id)
+        with self._lock:
+            self._decided[facts.id] = None
+            if len(self._decided) > 16384:
+                del self._decided[next(iter(self._decided))]
         self._act(facts, decision, action, grace)
+        return Handled(record, decision, facts)
+
+    def _freeze_now(self, container_id: str) -> ContainerCgroup | None:
+        try:
+            cg = self.cgroups(container_id)
+            if cg is not None:
+                cg.freeze()
+            return cg
+        except CgroupError as exc:
+            log.debug("could not freeze %s: %s", container_id[:12], exc)
+            return None
+
+    def _thaw(self, cg: ContainerCgroup | None) -> None:
+        if cg is None:
+            return
+        try:
+            cg.thaw()
+        except CgroupError as exc:
+            self._count("thaw_failures")
+            log.error("could not thaw container cgroup %s: %s", cg.path, exc)
+
+    def _kill(self, facts: ContainerFacts, frozen: ContainerCgroup | None) -> None:
+        try:
+            cg = frozen or self.cgroups(facts.id)
+            if cg is not None:
+                cg.kill()
+        except CgroupError as exc:
+            log.debug("could not kill %s through its cgroup (the engine will): %s", facts.short_id, exc)
+
+    def _frozen_by_us(self, facts: ContainerFacts) -> ContainerCgroup | None:
+        """A running container whose cgroup is frozen although the engine does not call it paused."""
+        try:
+            cg = self.cgroups(facts.id)
+            if cg is not None and cg.frozen():
+                log.warning(
+                    "container %s was left frozen (an earlier agent stopped mid-decision)", facts.short_id
+                )
+                return cg
+        except CgroupError:
+            pass
+        return None
+
+    def _vanished(self, event: ContainerEvent, policy: EffectivePolicy) -> Handled:
+        """A container gone before it could be inspected (a fast ``--rm``) still leaves a record: decided on
+        what the start event says of it, with an alert unless that alone shows its image allowed."""
+        facts = facts_from_event(event)
+        decision = decide(facts, policy, self._evidence())
+        if decision.verdict != "allowed":
+            decision = Decision(
+                "would-block" if policy.enforcement.mode == "audit" else "blocked",
+                Code.VANISHED,
+                f"the container was gone before it could be inspected; its start event names image {event.image!r}",
+                decision.digests,
+            )
+        record = self._record(decision, facts, policy, "start", "none")
+        self._save(record)
+        log.warning(
+            "container %s (%s) was gone before it could be inspected",
+            facts.name or facts.short_id,
+            facts.image,
+        )
         return Handled(record, decision, facts)
 
     def _remember_allowed(self, container_id: str) -> None:
@@ -390,16 +576,13 @@ class Enforcer:
 
     def _act(self, facts: ContainerFacts, decision: Decision, action: str, grace: int) -> None:
         name = facts.name or facts.short_id
-        if action == "remove":
-            try:
-                # grace 0 kills at once; a paused (frozen) container is killed where it stands, never thawed
-                outcome = self.engine.stop_and_remove(facts.id, grace)
-            except EngineError as exc:
-                log.error("could not remove blocked container %s: %s", name, exc)
-                return
-            log.warning(
-                "blocked container %s (%s): %s; %s", name, facts.image, decision.reason.value, outcome
-            )
+        if action == "remove" and grace > 0:
+            # a clean shutdown takes its grace period on a thread of its own: no lane waits on it
+            threading.Thread(
+                target=self._remove, args=(facts, decision, grace), name="graceful-stop", daemon=True
+            ).start()
+        elif action == "remove":
+            self._remove(facts, decision, 0)
         elif action == "unpause":
             try:
                 self.engine.unpause(facts.id)
@@ -410,6 +593,17 @@ class Enforcer:
             log.warning("audit: container %s (%s) would be blocked: %s", name, facts.image, decision.detail)
         else:
             log.info("allowed container %s (%s): %s", name, facts.image, decision.reason.value)
+
+    def _remove(self, facts: ContainerFacts, decision: Decision, grace: int) -> None:
+        name = facts.name or facts.short_id
+        try:
+            # grace 0 kills at once; a paused (frozen) container is killed where it stands, never thawed
+            outcome = self.engine.stop_and_remove(facts.id, grace)
+        except EngineError as exc:
+            self._count("removal_failures")
+            self._retry_later(facts.id, f"could not remove blocked container {name}: {exc}")
+            return
+        log.warning("blocked container %s (%s): %s; %s", name, facts.image, decision.reason.value, outcome)
 
     def _pause(self, facts: ContainerFacts) -> bool:
         try:

@@ -97,3 +97,63 @@ def test_previously_allowed_container_gets_its_grace(
     cli(config, "allowlist", "remove", busybox_images[ALLOWED], check=True)
     wait_for(lambda: not exists(engine, "was-ok"), 30, what="the withdrawn container to be removed")
     assert kill_signals(engine, cid, since)[0] == "15"  # SIGTERM first: a clean shutdown
+
+
+WRITER_LOOP = [
+    "/bin/busybox",
+    "sh",
+    "-c",
+    "trap '' TERM; while true; do echo x >> /out/log; /bin/busybox usleep 2000; done",
+]
+
+
+def lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def test_containers_left_frozen_by_a_crashed_agent_are_decided_again(
+    tmp_path: Path, engine: Dockerd, busybox_images: dict[str, str]
+) -> None:
+    """An agent that died mid-verification left containers frozen: the next one thaws what is allowed and
+    kills what is not, without letting it run a single instruction more."""
+    from agent.adapters.cgroups import ContainerCgroup
+
+    config = write_config(
+        tmp_path / "config.toml",
+        {
+            "device": {"id": "crash-test"},
+            "engine": {"url": engine.url},
+            "state": {"dir": str(tmp_path / "state")},
+            "enforcement": {"stop_grace_seconds": GRACE},
+        },
+    )
+    allowed_id = engine.build_image("ig-kill/writer-ok:1", "writer-ok", WRITER_LOOP)
+    engine.build_image("ig-kill/writer-bad:1", "writer-bad", WRITER_LOOP)
+    cli(config, "allowlist", "add", allowed_id, check=True)
+    out = {n: tmp_path / n for n in ("ok", "bad")}
+    ids = {}
+    for n, d in out.items():
+        d.mkdir(mode=0o777)
+        ids[n] = engine.docker(
+            "run", "-d", "--name", f"frozen-{n}", "-v", f"{d}:/out", f"ig-kill/writer-{n}:1"
+        ).stdout.strip()
+    groups = {n: ContainerCgroup.find(cid) for n, cid in ids.items()}
+    if any(g is None for g in groups.values()):
+        pytest.skip("this engine's container cgroups are not where dockerd's drivers put them")
+    wait_for(lambda: all(lines(d / "log") > 0 for d in out.values()), 10, what="the writers to write")
+    for g in groups.values():
+        assert g is not None
+        g.freeze()
+    time.sleep(0.2)
+    before = {n: lines(d / "log") for n, d in out.items()}
+    proc = AgentProcess(config, tmp_path / "agent.log").start()
+    try:
+        wait_for(lambda: not exists(engine, "frozen-bad"), 30, what="the frozen unallowed container to go")
+        assert lines(out["bad"] / "log") == before["bad"]  # killed while frozen: not one line more
+        wait_for(
+            lambda: lines(out["ok"] / "log") > before["ok"], 15, what="the allowed container to be thawed"
+        )
+        assert "left frozen" in proc.log()
+    finally:
+        assert proc.stop() == 0, proc.log()
+        engine.docker("rm", "-f", "frozen-ok", "frozen-bad", check=False)

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from agent.adapters.store import Store
 from agent.config import EnforcementConfig
 from agent.core.digest import Digest
-from agent.core.facts import ContainerFacts
+from agent.core.facts import ContainerEvent, ContainerFacts
 from agent.core.imageref import ImageRef
 from agent.core.policy import EffectivePolicy, Enforcement
+from agent.errors import Code, EngineError
 from agent.runtime.enforcer import Enforcer
 from tests.support.fakes import FakeEngine
 
@@ -95,6 +98,9 @@ def grace_after(store: Store, first: frozenset[Digest] | None, trigger: str) -> 
             e.handle("c1", "start")
         e.set_policy(EffectivePolicy(Enforcement(True, "enforce"), frozenset(), ()))
         e.handle("c1", trigger)
+        deadline = time.monotonic() + 5
+        while not engine.removed and time.monotonic() < deadline:  # a graceful stop runs on its own thread
+            time.sleep(0.01)
     finally:
         e.close()
     return engine.removed
@@ -128,3 +134,86 @@ def run_allowed_once(store: Store) -> list[tuple[str, int]]:
     finally:
         e.close()
     return engine.removed
+
+
+# -- never let go -------------------------------------------------------------------------------------
+
+
+class Flaky(FakeEngine):
+    """Fails the first ``failures`` calls of one method with an engine error, then behaves."""
+
+    def __init__(self, method: str, failures: int, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.method, self.failures = method, failures
+
+    def _maybe_fail(self, method: str) -> None:
+        if method == self.method and self.failures > 0:
+            self.failures -= 1
+            raise EngineError(f"{method}: the engine timed out")
+
+    def container_facts(self, container_id: str) -> ContainerFacts:
+        self._maybe_fail("container_facts")
+        return super().container_facts(container_id)
+
+    def stop_and_remove(self, container_id: str, grace_seconds: int) -> str:
+        self._maybe_fail("stop_and_remove")
+        return super().stop_and_remove(container_id, grace_seconds)
+
+
+BLOCKED_FACTS = {"c1": ContainerFacts("c1", "app", "registry.example/app:1", IMAGE_ID, (), "running")}
+
+
+def enforcer_on(store: Store, engine: FakeEngine) -> Enforcer:
+    return Enforcer(
+        engine,
+        store,
+        EffectivePolicy(Enforcement(True, "enforce"), frozenset(), ()),
+        EnforcementConfig(stop_grace_seconds=0),
+        device="d",
+        lanes=1,
+    )
+
+
+@pytest.mark.parametrize("method", ["container_facts", "stop_and_remove"])
+def test_an_engine_failure_is_retried_until_the_container_is_removed(store: Store, method: str) -> None:
+    engine = Flaky(method, 2, containers=BLOCKED_FACTS)
+    e = enforcer_on(store, engine)
+    try:
+        e.submit("c1", "start")
+        deadline = time.monotonic() + 10
+        while not engine.removed and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        e.close()
+    assert engine.removed == [("c1", 0)]
+    assert e.counters["retries"] == 2
+    assert store.counters()["retries"] == 2  # counted where status reads it too
+
+
+def test_a_container_gone_before_inspection_still_leaves_a_record(store: Store) -> None:
+    e = enforcer_on(store, FakeEngine())
+    event = ContainerEvent("c9", "start", 1, image="registry.example/evil:1", name="fast-rm")
+    try:
+        handled = e.submit("c9", "start", event).result(timeout=10)
+    finally:
+        e.close()
+    assert handled is not None
+    assert (handled.record.verdict, handled.record.reason) == ("blocked", Code.VANISHED)
+    (_, saved), *_ = store.decisions(1)
+    assert saved["container"]["name"] == "fast-rm" and saved["image"] == "registry.example/evil:1"
+    kinds = [m.kind for m in store.outbox_peek()]
+    assert kinds == []  # telemetry off here; with it on an alert is queued (test_records)
+
+
+def test_the_periodic_check_decides_only_what_has_no_decision(store: Store) -> None:
+    engine = FakeEngine(containers=dict(BLOCKED_FACTS))
+    e = enforcer_on(store, engine)
+    try:
+        assert e.reconcile() == 1  # never seen: decided now (a lost event)
+        deadline = time.monotonic() + 5
+        while not engine.removed and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.removed == [("c1", 0)]
+        assert e.reconcile() == 0  # decided: a list and a set look-up, nothing more
+    finally:
+        e.close()
