@@ -1,19 +1,31 @@
-"""How fast a blocked container is gone: the agent against a floor that no agent can beat.
+"""How far untrusted code gets before it is stopped: the agent against a floor that no agent can beat.
 
-Run: ``.venv/bin/python bench/reaction.py [--sequential 50] [--burst 20] [--grace 1,0]`` (root: it starts a
-private dockerd). Latency is measured from the moment ``start`` returns to the engine's own time stamp of
-the container's ``destroy`` event, seen by the benchmark's own event subscriber.
+Run: ``.venv/bin/python bench/reaction.py [--sequential 30] [--burst 100] [--allowed 20] [--json FILE]``
+(root: it starts a private dockerd).
 
-The floor is a minimal in-process reactor with no agent running: the benchmark's event subscriber sees the
-start event and at once kills and removes the container (``DELETE /containers/{id}?force=1``) from a pool of
-8 threads (the agent has 8 lanes). The agent runs as a separate process (enforce mode, empty allowlist), so
-every container is blocked; its test image exits at once on SIGTERM, so a stop with a grace period costs
-only the engine's work.
+The workload is what users really run: the blocked image's PID 1 **ignores SIGTERM** (a shell), and it
+appends to a bind-mounted file in a tight loop, so the benchmark can count how far untrusted code got.
+
+- **floor**: no agent; the benchmark's own event subscriber kills and removes each container through the
+  API (``DELETE /containers/{id}?force=1``) the moment it sees its start event, from a pool of 8 threads.
+- **agent**: a separate process (enforce mode, empty allowlist, ``stop_grace_seconds = 1``).
+
+Figures, floor and agent in the same run:
+
+- **exposure**: from the engine's start event to the container's processes frozen (its cgroup's freezer
+  state, polled by the benchmark) or dead (the engine's ``die`` event), p50 and p95; goal p50 <= 3 ms;
+- **lines written** by each blocked container in all; goal p50 <= 0.1 x the floor's;
+- **removed**: from ``start`` returned to the engine's ``destroy`` event, p50; goal <= 1.2 x the floor's;
+- **burst**: ``--burst`` blocked starts at once, then probe containers started right after: the probe's
+  start returned -> destroyed, p50 and max (no lane waits on a grace period);
+- **allowlisted start delay**: from ``start`` returned to the first line an allowlisted writer writes,
+  with the agent (which freezes it until decided) against no agent at all, p50.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -25,214 +37,300 @@ from pathlib import Path
 
 import docker
 from harness import (
+    BENCH_LABEL,
     HEADER,
-    TRAP_ENTRYPOINT,
     AgentProcess,
     EventWatcher,
     Summary,
     client,
-    create_containers,
     leftovers,
     private_engine,
     remove_leftovers,
     row,
 )
 
-IMAGE = "imageguard-bench/blocked:1"
-GOAL_RATIO = 1.5
+BLOCKED = "imageguard-bench/writer:1"
+ALLOWED = "imageguard-bench/allowed-writer:1"
+# PID 1 is a shell that ignores SIGTERM and writes as fast as it can
+WRITER = ["/bin/busybox", "sh", "-c", "trap '' TERM; while :; do echo x >> /out/log; done"]
+GOAL_EXPOSURE_MS = 3.0
+GOAL_LINES_RATIO = 0.1
+GOAL_REMOVED_RATIO = 1.2
 WARMUP = 3
+PROBES = 5
+FREEZER = Path("/sys/fs/cgroup/freezer/docker")
 
 
 @dataclass
 class Run:
-    """Millisecond figures of one configuration (floor or agent with one grace period)."""
-
     label: str
-    start_call: list[float] = field(default_factory=list)
-    start_seen: list[float] = field(default_factory=list)
-    to_die: list[float] = field(default_factory=list)
-    sequential: list[float] = field(default_factory=list)
-    from_event: list[float] = field(default_factory=list)
-    burst: list[float] = field(default_factory=list)
+    exposure: list[float] = field(default_factory=list)
+    lines: list[float] = field(default_factory=list)
+    removed: list[float] = field(default_factory=list)
+    probe: list[float] = field(default_factory=list)
     burst_removed: int = 0
     burst_size: int = 0
     leftovers: int = 0
-    timeouts: int = 0
-    remove_call: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+
+
+class FreezeWatch:
+    """Stamps the moment a container's cgroup reads FROZEN (cgroup v1 and v2), polled from its start event."""
+
+    def __init__(self) -> None:
+        self.frozen_ns: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def watch(self, cid: str) -> None:
+        threading.Thread(target=self._poll, args=(cid,), daemon=True).start()
+
+    def _poll(self, cid: str) -> None:
+        v1 = FREEZER / cid / "freezer.state"
+        v2 = Path("/sys/fs/cgroup/docker") / cid / "cgroup.freeze"
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            try:
+                state = (v1 if v1.exists() else v2).read_text().strip()
+            except OSError:
+                return  # gone: the die event tells
+            if state in ("FROZEN", "1"):
+                with self._lock:
+                    self.frozen_ns[cid] = time.time_ns()
+                return
+            time.sleep(0.0001)
+
+    def get(self, cid: str) -> int | None:
+        with self._lock:
+            return self.frozen_ns.get(cid)
 
 
 def _ms(ns: int) -> float:
     return ns / 1e6
 
 
-def sequential(api: docker.APIClient, watcher: EventWatcher, run: Run, count: int, prefix: str) -> None:
-    """Start one container at a time and wait until it is destroyed; the first WARMUP are not counted."""
-    for i in range(WARMUP + count):
-        (cid,) = create_containers(api, IMAGE, 1, f"{prefix}-{i}")
-        t0 = time.time_ns()
-        try:
-            api.start(cid)
-        except docker.errors.APIError as exc:  # the container may already be gone when start answers
-            run.errors.append(f"start {cid[:12]}: {exc}")
-        returned = time.time_ns()
-        if not watcher.wait_for([cid], "destroy", timeout=30):
-            run.timeouts += 1
-            continue
-        if i < WARMUP:
-            continue
-        run.start_call.append(_ms(returned - t0))
-        gone = watcher.event_ns(cid, "destroy")
-        assert gone is not None
-        run.sequential.append(_ms(gone - returned))
-        if (started := watcher.event_ns(cid, "start")) is not None:
-            run.from_event.append(_ms(gone - started))
-        if (seen := watcher.received_ns(cid, "start")) is not None:
-            run.start_seen.append(_ms(seen - returned))
-        if (died := watcher.event_ns(cid, "die")) is not None:
-            run.to_die.append(_ms(died - returned))
+def create(api: docker.APIClient, image: str, name: str, work: Path) -> tuple[str, Path]:
+    out = work / "out" / name
+    out.mkdir(parents=True, mode=0o777)
+    out.chmod(0o777)
+    host = api.create_host_config(binds=[f"{out}:/out"])
+    cid = api.create_container(image, name=name, labels={BENCH_LABEL: "1"}, host_config=host)["Id"]
+    return str(cid), out / "log"
+
+
+def count_lines(path: Path) -> int:
+    try:
+        return path.read_bytes().count(b"\n")
+    except OSError:
+        return 0
+
+
+def blocked_one(
+    api: docker.APIClient,
+    watcher: EventWatcher,
+    freeze: FreezeWatch,
+    run: Run,
+    name: str,
+    work: Path,
+    warm: bool,
+) -> None:
+    cid, log = create(api, BLOCKED, name, work)
+    try:
+        api.start(cid)
+    except docker.errors.APIError as exc:  # already gone when start answers
+        run.errors.append(f"start {cid[:12]}: {exc}")
+    returned = time.time_ns()
+    if not watcher.wait_for([cid], "destroy", timeout=30):
+        run.errors.append(f"{cid[:12]} was not destroyed within 30 s")
+        return
+    if warm:
+        return
+    started, died, gone = (watcher.event_ns(cid, a) for a in ("start", "die", "destroy"))
+    assert gone is not None
+    run.removed.append(_ms(gone - returned))
+    if started is not None:
+        stops = [t for t in (freeze.get(cid), died) if t is not None]
+        if stops:
+            run.exposure.append(max(0.0, _ms(min(stops) - started)))
+    run.lines.append(float(count_lines(log)))
+
+
+def sequential(
+    api: docker.APIClient, watcher: EventWatcher, freeze: FreezeWatch, run: Run, n: int, work: Path
+) -> None:
+    tag = run.label.split(":")[0]
+    for i in range(WARMUP + n):
+        blocked_one(api, watcher, freeze, run, f"{tag}-seq-{i}", work, i < WARMUP)
 
 
 def burst(
-    d_url: str, api: docker.APIClient, watcher: EventWatcher, run: Run, count: int, prefix: str
+    url: str, api: docker.APIClient, watcher: EventWatcher, freeze: FreezeWatch, run: Run, n: int, work: Path
 ) -> None:
-    """Start ``count`` containers at the same moment, each from its own thread and connection."""
-    ids = create_containers(api, IMAGE, count, prefix)
-    clients = [docker.APIClient(base_url=d_url, version=api.api_version, timeout=60) for _ in ids]
+    """``n`` blocked starts at the same moment, then probes started one after the other."""
+    tag = run.label.split(":")[0]
+    ids = [create(api, BLOCKED, f"{tag}-burst-{i}", work)[0] for i in range(n)]
+    clients = [
+        docker.APIClient(base_url=url, version=api.api_version, timeout=120) for _ in range(min(n, 25))
+    ]
     for c in clients:
-        c.ping()  # open each connection before the clock starts
-    gate = threading.Barrier(count)
-    returned: dict[str, int] = {}
+        c.ping()
+    gate = threading.Barrier(len(clients) + 1)
 
-    def go(c: docker.APIClient, cid: str) -> None:
+    def go(c: docker.APIClient, mine: list[str]) -> None:
         gate.wait()
-        try:
-            c.start(cid)
-        except docker.errors.APIError as exc:
-            run.errors.append(f"start {cid[:12]}: {exc}")
-        returned[cid] = time.time_ns()
+        for cid in mine:
+            with contextlib.suppress(docker.errors.APIError):
+                c.start(cid)
 
-    threads = [threading.Thread(target=go, args=(c, cid)) for c, cid in zip(clients, ids, strict=True)]
+    threads = [threading.Thread(target=go, args=(c, ids[i :: len(clients)])) for i, c in enumerate(clients)]
     for t in threads:
         t.start()
+    gate.wait()
+    probe_run = Run("probe")
+    for p in range(PROBES):  # while the burst is being handled
+        blocked_one(api, watcher, freeze, probe_run, f"{tag}-probe-{p}", work, False)
+    run.probe = probe_run.removed
     for t in threads:
         t.join()
-    watcher.wait_for(ids, "destroy", timeout=60)
-    run.burst_size = count
-    for cid in ids:
-        if (gone := watcher.event_ns(cid, "destroy")) is not None:
-            run.burst_removed += 1
-            run.burst.append(_ms(gone - returned[cid]))
+    watcher.wait_for(ids, "destroy", timeout=120)
+    run.burst_size = n
+    run.burst_removed = sum(1 for cid in ids if watcher.event_ns(cid, "destroy") is not None)
     for c in clients:
         c.close()
 
 
-def measure_floor(d_url: str, api: docker.APIClient, args: argparse.Namespace) -> Run:
+def allowed_delay(api: docker.APIClient, n: int, work: Path, tag: str) -> list[float]:
+    """``start`` returned -> first line written by an allowlisted writer."""
+    out = []
+    for i in range(n):
+        cid, log = create(api, ALLOWED, f"{tag}-ok-{i}", work)
+        api.start(cid)
+        returned = time.time_ns()
+        deadline = time.monotonic() + 10
+        while count_lines(log) == 0 and time.monotonic() < deadline:
+            time.sleep(0.0001)
+        out.append(_ms(time.time_ns() - returned))
+        api.remove_container(cid, force=True)
+    return out
+
+
+def measure_floor(
+    url: str, api: docker.APIClient, args: argparse.Namespace, work: Path
+) -> tuple[Run, list[float]]:
     run = Run("floor: own subscriber + direct kill & remove (no agent)")
     local = threading.local()
     pool = ThreadPoolExecutor(8)
+    freeze = FreezeWatch()
 
     def react(cid: str) -> None:
         c = getattr(local, "api", None)
         if c is None:
-            c = local.api = docker.APIClient(base_url=d_url, version=api.api_version, timeout=60)
-        t0 = time.time_ns()
+            c = local.api = docker.APIClient(base_url=url, version=api.api_version, timeout=60)
         try:
             c.remove_container(cid, force=True)
         except docker.errors.APIError as exc:
             run.errors.append(f"remove {cid[:12]}: {exc}")
-        run.remove_call.append(_ms(time.time_ns() - t0))
 
-    with EventWatcher(d_url, on_start=lambda cid: pool.submit(react, cid)) as watcher:
-        sequential(api, watcher, run, args.sequential, "floor-seq")
-        run.remove_call = run.remove_call[WARMUP:]
-        burst(d_url, api, watcher, run, args.burst, "floor-burst")
+    with EventWatcher(url, on_start=lambda cid: pool.submit(react, cid)) as watcher:
+        sequential(api, watcher, freeze, run, args.sequential, work)
+        burst(url, api, watcher, freeze, run, args.burst, work)
     pool.shutdown(wait=True)
     run.leftovers = len(leftovers(api))
     remove_leftovers(api)
-    return run
+    without_agent = allowed_delay(api, args.allowed, work, "floor")
+    return run, without_agent
 
 
-def measure_agent(d_url: str, api: docker.APIClient, args: argparse.Namespace, grace: int, work: Path) -> Run:
-    run = Run(f"agent, stop_grace_seconds={grace}")
-    agent = AgentProcess(d_url, work / f"agent-grace{grace}", grace=grace)
+def measure_agent(
+    url: str, api: docker.APIClient, args: argparse.Namespace, work: Path, allowed_id: str
+) -> tuple[Run, list[float]]:
+    run = Run("agent: stop_grace_seconds=1, empty allowlist but the allowed writer")
+    agent = AgentProcess(
+        url, work / "agent", grace=1, policy={"version": 1, "allowlist": [{"digest": allowed_id}]}
+    )
     agent.launch()
+    freeze = FreezeWatch()
     try:
         agent.wait_log("scan done", timeout=30)
-        with EventWatcher(d_url) as watcher:
-            sequential(api, watcher, run, args.sequential, f"agent{grace}-seq")
-            burst(d_url, api, watcher, run, args.burst, f"agent{grace}-burst")
-            time.sleep(0.5)
+        with EventWatcher(url, on_start=freeze.watch) as watcher:
+            sequential(api, watcher, freeze, run, args.sequential, work)
+            burst(url, api, watcher, freeze, run, args.burst, work)
+            delays = allowed_delay(api, args.allowed, work, "agent")
     finally:
         code = agent.stop()
     if code != 0:
         run.errors.append(f"agent exited with status {code}; see {agent.workdir / 'agent.log'}")
     run.leftovers = len(leftovers(api))
     remove_leftovers(api)
-    return run
+    return run, delays
 
 
-def report(runs: list[Run]) -> bool:
-    floor = runs[0]
-    floor_p50 = Summary.of(floor.sequential).p50
+def report(floor: Run, agent: Run, no_agent_delay: list[float], agent_delay: list[float]) -> bool:
     print(
-        f"\nReaction to a blocked start: from `start` returned to the engine's destroy event (warm-up {WARMUP})"
+        "\nHow far a blocked container gets (its PID 1 ignores SIGTERM; it writes to a bind mount in a loop)"
     )
     print(HEADER)
     ok = True
-    for run in runs:
-        print(f"{run.label}")
-        print(row("start call (request -> response)", Summary.of(run.start_call)))
-        print(row("start returned -> start event received", Summary.of(run.start_seen)))
-        if run.remove_call:
-            print(row("kill+remove call (DELETE ?force=1), all", Summary.of(run.remove_call)))
-        print(row("start returned -> die (container stopped)", Summary.of(run.to_die)))
-        seq = Summary.of(run.sequential)
-        ratio = seq.p50 / floor_p50 if floor_p50 > 0 else float("nan")
-        extra = "" if run is floor else f"p50 = {ratio:.2f} x floor (goal <= {GOAL_RATIO})"
-        print(row("sequential: start returned -> destroyed", seq, extra))
-        ev = Summary.of(run.from_event)
-        ev_floor = Summary.of(floor.from_event).p50
-        extra = "" if run is floor else f"p50 = {ev.p50 / ev_floor:.2f} x floor"
-        print(row("sequential: start event -> destroyed", ev, extra))
-        b = Summary.of(run.burst)
-        extra = "" if run is floor else f"p50 = {b.p50 / Summary.of(floor.burst).p50:.2f} x floor"
-        print(row(f"burst of {run.burst_size}: start returned -> destroyed", b, extra))
-        removed_ok = run.burst_removed == run.burst_size and run.leftovers == 0 and run.timeouts == 0
-        print(
-            f"  burst removed {run.burst_removed}/{run.burst_size}, leftovers {run.leftovers}, "
-            f"sequential timeouts {run.timeouts}" + ("" if removed_ok else "  <-- MISS")
-        )
-        for e in run.errors[:5]:
+    for r in (floor, agent):
+        print(r.label)
+        print(row("exposure: start event -> frozen or dead", Summary.of(r.exposure)))
+        print(row("lines written by the blocked container", Summary.of(r.lines)))
+        print(row("removed: start returned -> destroyed", Summary.of(r.removed)))
+        print(row(f"probe during a burst of {r.burst_size}: start -> destroyed", Summary.of(r.probe)))
+        print(f"  burst removed {r.burst_removed}/{r.burst_size}, leftovers {r.leftovers}")
+        for e in r.errors[:5]:
             print(f"  note: {e}")
-        if run is not floor:
-            ok = ok and removed_ok and ratio <= GOAL_RATIO
-            verdict = "meets" if ratio <= GOAL_RATIO else "MISSES"
-            print(
-                f"  => {verdict} the goal: p50 {seq.p50:.1f} ms vs floor {floor_p50:.1f} ms x {GOAL_RATIO}"
-                f" = {floor_p50 * GOAL_RATIO:.1f} ms"
-            )
+    exp = Summary.of(agent.exposure).p50
+    lines_f, lines_a = Summary.of(floor.lines).p50, Summary.of(agent.lines).p50
+    rem_f, rem_a = Summary.of(floor.removed).p50, Summary.of(agent.removed).p50
+    checks = [
+        (f"exposure p50 {exp:.2f} ms (goal <= {GOAL_EXPOSURE_MS} ms)", exp <= GOAL_EXPOSURE_MS),
+        (
+            f"lines written p50 {lines_a:.0f} vs floor {lines_f:.0f}: {lines_a / max(lines_f, 1):.3f} x "
+            f"(goal <= {GOAL_LINES_RATIO} x)",
+            lines_a <= GOAL_LINES_RATIO * max(lines_f, 1),
+        ),
+        (
+            f"removed p50 {rem_a:.1f} ms vs floor {rem_f:.1f} ms: {rem_a / rem_f:.2f} x (goal <= {GOAL_REMOVED_RATIO} x)",
+            rem_a <= GOAL_REMOVED_RATIO * rem_f,
+        ),
+        (
+            f"burst: all removed ({agent.burst_removed}/{agent.burst_size}), no leftovers",
+            agent.burst_removed == agent.burst_size and agent.leftovers == 0,
+        ),
+    ]
+    probe = Summary.of(agent.probe)
+    print(
+        f"\nprobe during the burst: p50 {probe.p50:.1f} ms, max {probe.max:.1f} ms (floor p50 {Summary.of(floor.probe).p50:.1f} ms)"
+    )
+    d0, d1 = Summary.of(no_agent_delay).p50, Summary.of(agent_delay).p50
+    print(
+        f"allowlisted writer, start returned -> first line: p50 {d1:.1f} ms with the agent, {d0:.1f} ms without ({d1 - d0:+.1f} ms)"
+    )
+    for text, met in checks:
+        print(f"  {'meets' if met else 'MISSES'}: {text}")
+        ok &= met
     return ok
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sequential", type=int, default=50, help="sequential blocked starts (default 50)")
-    p.add_argument("--burst", type=int, default=20, help="concurrent blocked starts (default 20)")
-    p.add_argument("--grace", default="1,0", help="agent stop_grace_seconds values to run (default 1,0)")
+    p.add_argument("--sequential", type=int, default=30, help="sequential blocked starts (default 30)")
+    p.add_argument("--burst", type=int, default=100, help="concurrent blocked starts (default 100)")
+    p.add_argument(
+        "--allowed", type=int, default=20, help="allowlisted starts for the freeze delay (default 20)"
+    )
     p.add_argument("--json", metavar="FILE", help="also write the raw figures (ms) to FILE")
     args = p.parse_args()
-    graces = [int(g) for g in args.grace.split(",") if g.strip()]
     with tempfile.TemporaryDirectory(prefix="ig-bench-") as tmp, private_engine() as d:
-        d.build_image(IMAGE, "blocked", entrypoint=TRAP_ENTRYPOINT)
+        d.build_image(BLOCKED, "blocked-writer", entrypoint=WRITER)
+        allowed_id = d.build_image(ALLOWED, "allowed-writer", entrypoint=WRITER)
         api = client(d)
-        runs = [measure_floor(d.url, api, args)]
-        for g in graces:
-            runs.append(measure_agent(d.url, api, args, g, Path(tmp)))
+        floor, no_agent_delay = measure_floor(d.url, api, args, Path(tmp) / "floor")
+        agent, agent_delay = measure_agent(d.url, api, args, Path(tmp) / "agent", allowed_id)
         api.close()
-    ok = report(runs)
+    ok = report(floor, agent, no_agent_delay, agent_delay)
     if args.json:
-        Path(args.json).write_text(json.dumps([asdict(r) for r in runs], indent=2))
+        Path(args.json).write_text(json.dumps({"floor": asdict(floor), "agent": asdict(agent)}, indent=2))
     return 0 if ok else 1
 
 

@@ -12,7 +12,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
@@ -169,6 +169,7 @@ class Enforcer:
         self._allowed_once: dict[str, None] = {}
         self._lock = threading.Lock()
         self._lanes = Lanes(lanes)
+        self._removals = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="remove")
 
     # -- state -------------------------------------------------------------------------------------
 
@@ -294,6 +295,7 @@ class Enforcer:
 
     def close(self) -> None:
         self._lanes.close()
+        self._removals.shutdown(wait=True)
 
     # -- one container -----------------------------------------------------------------------------
 
@@ -576,13 +578,10 @@ class Enforcer:
 
     def _act(self, facts: ContainerFacts, decision: Decision, action: str, grace: int) -> None:
         name = facts.name or facts.short_id
-        if action == "remove" and grace > 0:
-            # a clean shutdown takes its grace period on a thread of its own: no lane waits on it
-            threading.Thread(
-                target=self._remove, args=(facts, decision, grace), name="graceful-stop", daemon=True
-            ).start()
-        elif action == "remove":
-            self._remove(facts, decision, 0)
+        if action == "remove":
+            # the processes are already dead (or frozen) when removal starts: the engine's part runs off the
+            # lanes, so that no decision on another container waits for it (nor for a grace period)
+            self._removals.submit(self._remove, facts, decision, grace)
         elif action == "unpause":
             try:
                 self.engine.unpause(facts.id)
