@@ -411,3 +411,65 @@ def scan_once(config: Config, *, dry_run: bool) -> list[Handled]:
     finally:
         enforcer.close()
         service.store.close()
+
+
+def preview_policy(config: Config, doc: Any, layer_name: str = "device") -> dict[str, Any]:
+    """What importing ``doc`` as ``layer_name`` would do (``policy diff`` / ``policy import --dry-run``):
+    the changes, the version verdict, the verified digests revoked, and the containers that would be
+    removed. Changes nothing."""
+    from agent.core.decision import Evidence, decide
+    from agent.core.policy import PolicyLayer, layer_diff
+    from agent.errors import ImageGuardError
+
+    service = policy_service(config)
+    try:
+        new = PolicyLayer.from_document(doc, layer_name, what="policy document")
+        current = service.layer(layer_name)
+        try:
+            verdict = "applies" if current.check_successor(new) else "unchanged"
+        except ImageGuardError as exc:
+            verdict = f"refused: {exc}"
+        after = service.effective(replacing=new)
+        fingerprints = {a.name: a.fingerprint for a in after.trust_anchors}
+        verified = service.store.verified()
+        kept = {
+            d: tuple(v for v in vs if fingerprints.get(v.anchor) == v.anchor_fingerprint)
+            for d, vs in verified.items()
+        }
+        revoked = sum(len(vs) for vs in verified.values()) - sum(len(vs) for vs in kept.values())
+        affected: list[dict[str, Any]] = []
+        containers: list[dict[str, Any]] | None = affected
+        note = ""
+        try:
+            engine = Engine(config.engine.url, min(config.engine.timeout_seconds, 10))
+            for cid in engine.container_ids():
+                try:
+                    facts = engine.container_facts(cid)
+                except ImageGuardError:
+                    continue
+                d = decide(facts, after, Evidence({k: v for k, v in kept.items() if v}, {}))
+                if d.verdict != "allowed":
+                    outcome = "would need a signature check" if d.pending else "would be removed"
+                    affected.append(
+                        {
+                            "id": facts.id,
+                            "name": facts.name,
+                            "image": facts.image,
+                            "outcome": outcome,
+                            "reason": d.reason.value,
+                            "detail": d.detail,
+                        }
+                    )
+            engine.close()
+        except ImageGuardError as exc:
+            containers, note = None, f"containers not checked: {exc}"
+        return {
+            "layer": layer_name,
+            "version": {"held": current.version, "new": new.version, "verdict": verdict},
+            "changes": layer_diff(current, new),
+            "verified_revoked": revoked,
+            "containers": containers,
+            "note": note,
+        }
+    finally:
+        service.store.close()

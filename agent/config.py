@@ -109,6 +109,8 @@ class MqttConfig:
     encoding: Literal["kura-protobuf", "json"] = "kura-protobuf"
     clean_session: bool = False
     outbox_limit: int = 10000
+    #: how far a policy document arriving over MQTT may raise a layer's version at once
+    max_version_step: int = 1_000_000
     max_payload_bytes: int = 256 * 1024
     policy_signing_key: Path | None = None
     reconnect_min_seconds: float = 1.0

@@ -52,7 +52,9 @@ class Code(StrEnum):
     NOT_TRIED = "not-tried"
     PAYLOAD_INVALID = "payload-invalid"
     PAYLOAD_TOO_LARGE = "payload-too-large"
+    POLICY_CONFLICT = "policy-conflict"
     POLICY_ROLLBACK = "policy-rollback"
+    POLICY_VERSION_JUMP = "policy-version-jump"
     POLICY_SIGNATURE_INVALID = "policy-signature-invalid"
     POLICY_UNKNOWN_KEY = "policy-unknown-key"
     POLICY_UNSIGNED = "policy-unsigned"
@@ -150,6 +152,13 @@ class RollbackError(PolicyError):
     """A versioned document is older than the one held (an equal version is 'nothing new', not this)."""
 
     code = Code.POLICY_ROLLBACK
+
+
+class PolicyConflict(PolicyError):
+    """The same version with different content: one of the two documents must get a new version."""
+
+    code = Code.POLICY_CONFLICT
+    exit_code = 1
 
 
 class StateError(ImageGuardError):

@@ -12,7 +12,7 @@ from agent.cli.common import EXIT_NEGATIVE, EXIT_OK, emit, json_flag, load_confi
 from agent.config import Config
 from agent.control.service import ApplyResult, Service
 from agent.core.digest import Digest
-from agent.errors import EngineError, NotFound
+from agent.errors import EngineError, InputError, NotFound
 
 
 def register(sub: Any) -> None:
@@ -61,8 +61,27 @@ def register(sub: Any) -> None:
         "import", help="replace the device policy with a document (its version must be newer)"
     )
     q.add_argument("file", metavar="FILE", help="policy JSON ('-' for standard input)")
+    q.add_argument(
+        "--dry-run", action="store_true", help="show what would change (as 'policy diff'); change nothing"
+    )
+    q.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the layer whatever its version (recovery; this device only)",
+    )
     json_flag(q)
     q.set_defaults(handler=cmd_policy_import)
+    q = psub.add_parser(
+        "diff", help="what importing FILE would change: entries, containers removed, digests revoked"
+    )
+    q.add_argument("file", metavar="FILE", help="policy JSON ('-' for standard input)")
+    q.add_argument("--layer", default="device", help="'device' (default) or 'group:NAME'")
+    json_flag(q)
+    q.set_defaults(handler=cmd_policy_diff)
+    q = psub.add_parser("reset", help="give the device layer a new version, keeping its content (recovery)")
+    q.add_argument("--version", type=int, default=1, metavar="N", help="the new version (default 1)")
+    json_flag(q)
+    q.set_defaults(handler=cmd_policy_reset)
     q = psub.add_parser("export", help="print a policy layer document")
     q.add_argument("--layer", default="device", help="'device' (default) or 'group:NAME'")
     q.set_defaults(handler=cmd_policy_export, json=True)
@@ -189,8 +208,44 @@ def cmd_enforcement(args: argparse.Namespace) -> int:
 
 def cmd_policy_import(args: argparse.Namespace) -> int:
     doc = read_json_file(args.file, "policy file")
-    result = _service(load_config(args)).import_policy(doc, source="cli")
+    if args.dry_run:
+        return _show_preview(args, doc, "device")
+    result = _service(load_config(args)).import_policy(doc, source="cli", force=args.force)
     emit(args, result.to_dict(), _applied_text(result))
+    return EXIT_OK
+
+
+def cmd_policy_diff(args: argparse.Namespace) -> int:
+    return _show_preview(args, read_json_file(args.file, "policy file"), args.layer)
+
+
+def cmd_policy_reset(args: argparse.Namespace) -> int:
+    if not 0 <= args.version <= 2**53 - 2:
+        raise InputError(f"--version {args.version}: expected 0 .. {2**53 - 2}")
+    result = _service(load_config(args)).reset_version(args.version)
+    emit(args, result.to_dict(), f"device layer now at version {result.version}; its content is unchanged")
+    return EXIT_OK
+
+
+def _show_preview(args: argparse.Namespace, doc: Any, layer: str) -> int:
+    from agent.app import preview_policy
+
+    preview = preview_policy(load_config(args), doc, layer)
+
+    def text() -> str:
+        v = preview["version"]
+        lines = [f"layer {preview['layer']}: version {v['held']} -> {v['new']}: {v['verdict']}"]
+        lines += [f"  {c}" for c in preview["changes"]] or ["  no change of content"]
+        lines.append(f"verified digests revoked: {preview['verified_revoked']}")
+        if preview["containers"] is None:
+            lines.append(preview["note"])
+        else:
+            for c in preview["containers"]:
+                lines.append(f"  {c['outcome']}: {c['name'] or c['id'][:12]} ({c['image']}): {c['reason']}")
+            lines.append(f"containers affected: {len(preview['containers'])}")
+        return "\n".join(lines)
+
+    emit(args, preview, text)
     return EXIT_OK
 
 

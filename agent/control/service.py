@@ -74,9 +74,13 @@ class Service:
         e = self.config.enforcement
         return Enforcement(enabled=e.enabled, mode=e.mode)
 
-    def effective(self) -> EffectivePolicy:
+    def effective(self, replacing: PolicyLayer | None = None) -> EffectivePolicy:
+        """The policy in force; with ``replacing``, the one that would be in force with that layer."""
         groups = {f"group:{g}" for g in self.config.device.groups}
-        layers = [lyr for lyr in self.store.layers() if lyr.name == DEVICE_LAYER or lyr.name in groups]
+        stored = [lyr for lyr in self.store.layers() if replacing is None or lyr.name != replacing.name]
+        if replacing is not None:
+            stored.append(replacing)
+        layers = [lyr for lyr in stored if lyr.name == DEVICE_LAYER or lyr.name in groups]
         policy = dataclasses.replace(
             EffectivePolicy.compose(layers, self.default_enforcement), protected=self.config.protected_paths
         )
@@ -125,17 +129,23 @@ class Service:
 
     # -- changing ----------------------------------------------------------------------------------
 
-    def apply_layer(self, layer: PolicyLayer, *, source: str) -> ApplyResult:
+    def apply_layer(self, layer: PolicyLayer, *, source: str, force: bool = False) -> ApplyResult:
         """Replace a layer if ``layer.version`` is newer; revoke what changed anchors had verified.
 
-        Raises RollbackError for an older version (and records the rejection as policy telemetry).
+        Raises RollbackError for an older version, PolicyConflict for the same version with other content,
+        PolicyError for a remote version jump (each recorded as a rejection in policy telemetry).
+        ``force`` (the local CLI only) replaces the layer whatever the versions say.
         """
         now = utc_now()
+        remote = source.startswith(("mqtt:", "fleet:"))
+        if force and remote:
+            raise PolicyError("forcing a policy change is for the device's own command line only")
+        step = self.config.mqtt.max_version_step if (remote and self.config.mqtt) else None
         try:
             check_anchors(layer)
             with self.store.transaction() as tx:
                 current = Store.read_layer(tx, layer.name)
-                if not current.check_successor(layer):
+                if not force and not current.check_successor(layer, max_step=step):
                     self._ack(tx, layer, "unchanged", current.version, source, now)
                     result = ApplyResult(layer.name, layer.version, "unchanged")
                 else:
@@ -199,7 +209,16 @@ class Service:
         if self.telemetry:
             self.store.outbox_add(messages, utc_now())
 
-    def import_policy(self, doc: Any, *, source: str = "cli", layer: str = DEVICE_LAYER) -> ApplyResult:
+    def reset_version(
+        self, version: int = 1, *, layer: str = DEVICE_LAYER, source: str = "cli"
+    ) -> ApplyResult:
+        """Give a layer a new version and keep its content (recovers a layer whose version is exhausted)."""
+        current = self.layer(layer)
+        return self.apply_layer(dataclasses.replace(current, version=version), source=source, force=True)
+
+    def import_policy(
+        self, doc: Any, *, source: str = "cli", layer: str = DEVICE_LAYER, force: bool = False
+    ) -> ApplyResult:
         try:
             parsed = PolicyLayer.from_document(doc, layer, what="policy document")
         except ImageGuardError as exc:
@@ -208,7 +227,7 @@ class Service:
             )
             self.record_rejection(layer, version, exc, source)
             raise
-        return self.apply_layer(parsed, source=source)
+        return self.apply_layer(parsed, source=source, force=force)
 
     def _edit(self, source: str, **changes: Any) -> ApplyResult:
         current = self.store.layer(DEVICE_LAYER)

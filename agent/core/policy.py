@@ -15,7 +15,7 @@ from agent.core.digest import Digest
 from agent.core.imageref import ImageRef
 from agent.core.instances import InstanceSpec, parse_instances
 from agent.core.schemas import validate
-from agent.errors import DigestError, PolicyError, RollbackError
+from agent.errors import Code, DigestError, PolicyConflict, PolicyError, RollbackError
 
 Mode = Literal["enforce", "audit"]
 DEVICE_LAYER = "device"
@@ -119,17 +119,34 @@ class PolicyLayer:
             doc["runtime"] = [r.to_dict() for r in self.runtime]
         return doc
 
-    def check_successor(self, new: PolicyLayer) -> bool:
-        """True if ``new`` should replace this layer; False if it is the same version (nothing new).
+    def check_successor(self, new: PolicyLayer, max_step: int | None = None) -> bool:
+        """True if ``new`` should replace this layer; False if it is the very same document (nothing new).
 
-        Raises RollbackError for an older version.
+        Raises RollbackError for an older version, PolicyConflict for the same version with other content
+        (never silently "nothing new": an operator's edit would be lost), and PolicyError for a version that
+        jumps by more than ``max_step`` (a remote document must not use up the version space).
         """
         if new.version < self.version:
             raise RollbackError(
                 f"policy layer {self.name!r}: version {new.version} is older than the held version "
                 f"{self.version}; send a version greater than {self.version}"
             )
-        return new.version > self.version
+        if new.version == self.version:
+            if _content(new) == _content(self):
+                return False
+            raise PolicyConflict(
+                f"policy layer {self.name!r}: version {new.version} is already held with different content "
+                f"({'; '.join(layer_diff(self, new)) or 'metadata differs'}); give the new document version "
+                f"{self.version + 1}"
+            )
+        if max_step is not None and new.version - self.version > max_step:
+            raise PolicyError(
+                f"policy layer {self.name!r}: version {new.version} jumps by {new.version - self.version} from "
+                f"the held version {self.version}; a remote document may raise it by at most {max_step} "
+                "([mqtt] max_version_step)",
+                code=Code.POLICY_VERSION_JUMP,
+            )
+        return True
 
     def bumped(self, **changes: Any) -> PolicyLayer:
         """A copy with ``changes`` applied and the version increased by one (local edits)."""
@@ -145,6 +162,53 @@ class PolicyLayer:
         }
         fields.update(changes)
         return PolicyLayer(**fields)
+
+
+def _content(layer: PolicyLayer) -> dict[str, Any]:
+    doc = layer.to_document()
+    doc.pop("version", None)
+    return doc
+
+
+def _show(e: Enforcement | None) -> str:
+    return "default" if e is None else f"{'on' if e.enabled else 'off'}/{e.mode}"
+
+
+def layer_diff(old: PolicyLayer, new: PolicyLayer) -> list[str]:
+    """What replacing ``old`` by ``new`` changes, one line per kind of change (empty: nothing)."""
+    out: list[str] = []
+    before, after = {e.digest for e in old.allowlist}, {e.digest for e in new.allowlist}
+    if added := sorted(map(str, after - before)):
+        out.append(f"allowlist +{len(added)}: {', '.join(added[:5])}{' ...' if len(added) > 5 else ''}")
+    if removed := sorted(map(str, before - after)):
+        out.append(f"allowlist -{len(removed)}: {', '.join(removed[:5])}{' ...' if len(removed) > 5 else ''}")
+    anchors_old = {a.name: a.fingerprint for a in old.trust_anchors}
+    anchors_new = {a.name: a.fingerprint for a in new.trust_anchors}
+    for verb, names in (
+        ("added", sorted(anchors_new.keys() - anchors_old.keys())),
+        ("removed", sorted(anchors_old.keys() - anchors_new.keys())),
+        (
+            "changed",
+            sorted(n for n in anchors_old.keys() & anchors_new.keys() if anchors_old[n] != anchors_new[n]),
+        ),
+    ):
+        if names:
+            out.append(f"trust anchors {verb}: {', '.join(names)}")
+    if old.enforcement != new.enforcement:
+        out.append(f"enforcement {_show(old.enforcement)} -> {_show(new.enforcement)}")
+    inst_old, inst_new = {i.name: i for i in old.instances}, {i.name: i for i in new.instances}
+    for verb, names in (
+        ("declared", sorted(inst_new.keys() - inst_old.keys())),
+        ("deleted", sorted(inst_old.keys() - inst_new.keys())),
+        ("changed", sorted(n for n in inst_old.keys() & inst_new.keys() if inst_old[n] != inst_new[n])),
+    ):
+        if names:
+            out.append(f"instances {verb}: {', '.join(names)}")
+    if old.runtime != new.runtime:
+        out.append(f"runtime rules: {len(old.runtime)} -> {len(new.runtime)}")
+    if (old.target or None) != (new.target or None):
+        out.append(f"target {old.target} -> {new.target}")
+    return out
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,16 @@ def test_every_resource_round_trip(env: Env, encoding: str, busybox_images: dict
     code, message = c.status("PUT", "policy", body={**doc, "version": v})
     assert code == 400 and "older" in message
     assert c.ok("get-policy.reply", "GET", "policy")["version"] == v + 1
+    # the same version with other content is a conflict, not "unchanged"; a version jump that would use up
+    # the version space (and freeze the policy) is refused; neither changes anything
+    code, message = c.status("PUT", "policy", body={"version": v + 1})
+    assert code == 400 and "already held with different content" in message
+    code, message = c.status(
+        "PUT", "policy", body={**doc, "version": 2**53 - 1, "enforcement": {"enabled": False}}
+    )
+    assert code == 400 and "jumps by" in message
+    assert c.ok("get-policy.reply", "GET", "policy")["version"] == v + 1
+    assert c.ok("get-enforcement.reply", "GET", "enforcement")["enabled"] is True
 
     # allowlist
     result = c.ok("apply-result.reply", "POST", "allowlist", body={"digests": [D_X], "comment": encoding})

@@ -176,9 +176,15 @@ def test_policy_import_versions(cli: Cli) -> None:
     assert code == 2
     assert "older than the held version 4" in err
     assert cli.export() == before
-    code, out, _ = cli.run("policy", "import", "--json", cli.file("v4b.json", json.dumps({"version": 4})))
-    assert code == 0
-    assert json.loads(out) == {"layer": "device", "version": 4, "status": "unchanged", "revoked": 0}
+    # the same version with other content is a conflict that shows the difference, never "nothing new"
+    code, out, err = cli.run("policy", "import", "--json", cli.file("v4b.json", json.dumps({"version": 4})))
+    assert code == 1
+    assert json.loads(out)["error"]["code"] == "policy-conflict"
+    assert (
+        "already held with different content (allowlist -1" in err
+        and "give the new document version 5" in err
+    )
+    assert cli.export() == before
     code, out, _ = cli.run("policy", "import", cli.file("v4c.json", json.dumps(doc)))
     assert code == 0 and "nothing new" in out
     assert cli.export() == before
@@ -329,3 +335,25 @@ def test_status_json_parses(cli: Cli) -> None:
     assert data["agent"]["running"] is False
     assert data["policy"]["allowlist"] == 1
     assert data["state_dir"] == str(cli.dir / "state")
+
+
+def test_policy_diff_dry_run_and_reset(cli: Cli) -> None:
+    doc = {"version": 4, "allowlist": [{"digest": D1}]}
+    cli.run("policy", "import", cli.file("v4.json", json.dumps(doc)))
+    before = cli.export()
+    for args in (["policy", "diff"], ["policy", "import", "--dry-run"]):
+        code, out, _ = cli.run(*args, "--json", cli.file("v5.json", json.dumps({"version": 5})))
+        assert code == 0
+        preview = json.loads(out)
+        assert preview["version"] == {"held": 4, "new": 5, "verdict": "applies"}
+        assert preview["changes"] == [f"allowlist -1: {D1}"]
+        assert preview["containers"] is None and "containers not checked" in preview["note"]
+        assert cli.export() == before  # nothing changed
+    code, out, _ = cli.run("policy", "diff", cli.file("v3.json", json.dumps({"version": 3})))
+    assert code == 0 and "refused: policy layer 'device': version 3 is older" in out
+    code, out, _ = cli.run("policy", "reset", "--version", "1")
+    assert code == 0 and "version 1" in out
+    after = cli.export()
+    assert after["version"] == 1 and after["allowlist"] == before["allowlist"]
+    code, _, err = cli.run("policy", "reset", "--version", "-1")
+    assert code == 2 and "--version" in err

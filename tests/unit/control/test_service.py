@@ -16,7 +16,7 @@ from agent.core.anchors import TrustAnchor
 from agent.core.decision import VerifiedDigest
 from agent.core.digest import Digest
 from agent.core.policy import AllowlistEntry, Enforcement, PolicyLayer, group_layer
-from agent.errors import InputError, PolicyError, RollbackError, SchemaError
+from agent.errors import InputError, PolicyConflict, PolicyError, RollbackError, SchemaError
 from tests.support.keys import public_pem
 
 D1, D2, D3 = (Digest.of(bytes([i])) for i in range(3))
@@ -78,8 +78,10 @@ def layer(version: int, *digests: Digest, anchors: tuple[TrustAnchor, ...] = (),
 def test_apply_unchanged_rollback(h: Harness) -> None:
     assert h.service.apply_layer(layer(3, D1), source="cli") == ApplyResult("device", 3, "applied", 0)
     assert h.changes == 1
-    # the same version is "nothing new", even with other content: the held layer stays
-    assert h.service.apply_layer(layer(3, D2), source="cli") == ApplyResult("device", 3, "unchanged", 0)
+    # the same document again is "nothing new"; the same version with other content is a conflict
+    assert h.service.apply_layer(layer(3, D1), source="cli") == ApplyResult("device", 3, "unchanged", 0)
+    with pytest.raises(PolicyConflict, match=r"allowlist \+1.*allowlist -1"):
+        h.service.apply_layer(layer(3, D2), source="cli")
     assert h.changes == 1
     assert h.service.effective().allowlist == frozenset({D1})
     with pytest.raises(RollbackError, match="version 2 is older than the held version 3"):
@@ -96,10 +98,12 @@ def test_apply_unchanged_rollback(h: Harness) -> None:
     assert [(m["status"], m["version"], m["source"]) for m in messages] == [
         ("applied", 3, "cli"),
         ("unchanged", 3, "cli"),
+        ("rejected", 3, "cli"),
         ("rejected", 2, "mqtt"),
         ("applied", 10, "cli"),
     ]
-    rejected = messages[2]
+    assert messages[2]["reason"] == "policy-conflict"
+    rejected = messages[3]
     assert rejected["reason"] == "policy-rollback"
     assert "older" in rejected["detail"]
     assert rejected["policy_version"] == 3
@@ -324,3 +328,37 @@ def test_unusable_anchor_is_refused(ht: Harness, anchor: dict[str, Any], fragmen
     assert fragment in str(exc.value)
     assert ht.service.export_policy() == before
     assert ht.policy_messages()[-1]["status"] == "rejected"
+
+
+# -- versions that cannot be weaponised ------------------------------------------------------------------
+
+
+def test_a_remote_document_may_not_use_up_the_version_space(tmp_path: Path) -> None:
+    config = from_dict(
+        {
+            "device": {"id": "edge-1"},
+            "state": {"dir": str(tmp_path / "state")},
+            "mqtt": {"url": "mqtt://127.0.0.1:1"},
+        },
+        "test",
+    )
+    store = Store(config.state_dir)
+    try:
+        service = Service(config, store)
+        service.apply_layer(layer(3, D1), source="cli")
+        with pytest.raises(PolicyError, match="jumps by") as err:
+            service.apply_layer(layer(2**53 - 1, D1, enforcement=Enforcement(False)), source="mqtt:console")
+        assert err.value.code == "policy-version-jump"
+        assert service.layer() == layer(3, D1)  # nothing changed
+        assert service.apply_layer(layer(2**53 - 1, D2), source="cli").status == "applied"  # locally, yes
+        with pytest.raises(PolicyError, match="command line only"):
+            service.apply_layer(layer(1, D3), source="mqtt:console", force=True)
+        # a local reset recovers an exhausted version and keeps the content, the verified set and the rest
+        result = service.reset_version(1)
+        assert (result.version, result.status) == (1, "applied")
+        assert service.layer().allowlist == layer(1, D2).allowlist
+        assert service.import_policy({"version": 2, "allowlist": [{"digest": str(D3)}]}).status == "applied"
+        assert service.import_policy({"version": 1}, force=True).status == "applied"  # --force: any version
+        assert service.layer().version == 1
+    finally:
+        store.close()
