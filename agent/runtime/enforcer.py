@@ -367,7 +367,7 @@ class Enforcer:
             self._decided[facts.id] = None
             if len(self._decided) > 16384:
                 del self._decided[next(iter(self._decided))]
-        self._act(facts, decision, action, grace)
+        self._act(facts, decision, action, grace, wait=trigger not in ("start", "retry", "reconcile"))
         return Handled(record, decision, facts)
 
     def _freeze_now(self, container_id: str) -> ContainerCgroup | None:
@@ -576,12 +576,15 @@ class Enforcer:
             # the record is lost, the enforcement is not: acting is what protects the device
             log.exception("could not store decision %s", record.id)
 
-    def _act(self, facts: ContainerFacts, decision: Decision, action: str, grace: int) -> None:
+    def _act(self, facts: ContainerFacts, decision: Decision, action: str, grace: int, *, wait: bool) -> None:
         name = facts.name or facts.short_id
         if action == "remove":
-            # the processes are already dead (or frozen) when removal starts: the engine's part runs off the
-            # lanes, so that no decision on another container waits for it (nor for a grace period)
-            self._removals.submit(self._remove, facts, decision, grace)
+            # the processes are already dead (or frozen) when removal starts: for a start event the engine's
+            # part runs off the lanes, so that no decision on another container waits for it (nor for a grace
+            # period); a scan waits, so that "scan done" means done
+            removal = self._removals.submit(self._remove, facts, decision, grace)
+            if wait:
+                removal.result()
         elif action == "unpause":
             try:
                 self.engine.unpause(facts.id)
