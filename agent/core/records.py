@@ -7,12 +7,13 @@ schemas/policy-event.schema.json): every message has a unique id, the time, the 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from agent.core.decision import Decision, Verdict
 from agent.core.facts import ContainerFacts
+from agent.core.instances import InstanceState
 from agent.core.policy import EffectivePolicy
 from agent.errors import Code, InputError
 
@@ -171,6 +172,124 @@ def decision_telemetry(record: DecisionRecord) -> list[OutboxMessage]:
     ]
 
 
+@dataclass(frozen=True, slots=True)
+class PolicyEvent:
+    """Acknowledgement of an applied, unchanged or rejected policy change (``.../policy`` telemetry,
+    ``schemas/policy-event.schema.json``)."""
+
+    device: str
+    layer: str
+    version: int
+    status: str
+    policy_version: int
+    source: str
+    reason: str | None = None
+    detail: str | None = None
+    id: str = field(default_factory=lambda: new_id())
+    time: str = field(default_factory=lambda: utc_now())
+
+    def to_dict(self) -> dict[str, Any]:
+        msg: dict[str, Any] = {
+            "id": self.id,
+            "time": self.time,
+            "device": self.device,
+            "layer": self.layer,
+            "version": self.version,
+            "status": self.status,
+            "policy_version": self.policy_version,
+            "source": self.source,
+        }
+        if self.reason:
+            msg["reason"] = self.reason
+        if self.detail:
+            msg["detail"] = self.detail
+        return msg
+
+    def message(self) -> OutboxMessage:
+        return OutboxMessage("policy", self.to_dict(), PRIORITY_POLICY)
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceEvent:
+    """A managed instance's status change (``.../instances``, ``schemas/instance-event.schema.json``)."""
+
+    device: str
+    policy_version: int
+    state: InstanceState
+    image: str | None = None
+    id: str = field(default_factory=lambda: new_id())
+
+    def to_dict(self) -> dict[str, Any]:
+        msg = {
+            "id": self.id,
+            "time": self.state.updated_at or utc_now(),
+            "device": self.device,
+            "policy_version": self.policy_version,
+            **self.state.to_dict(),
+        }
+        if self.image is not None:
+            msg["image"] = self.image
+        return msg
+
+    def message(self) -> OutboxMessage:
+        return OutboxMessage("instances", self.to_dict(), PRIORITY_INSTANCE)
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceAlert:
+    """An update of a managed instance refused (``.../alerts``, ``schemas/instance-alert.schema.json``)."""
+
+    device: str
+    policy_version: int
+    instance: str
+    image: str
+    pinned_digest: str
+    reason: Code
+    detail: str
+    id: str = field(default_factory=lambda: new_id())
+    time: str = field(default_factory=lambda: utc_now())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "time": self.time,
+            "device": self.device,
+            "policy_version": self.policy_version,
+            "alert": "instance-update-rejected",
+            "instance": self.instance,
+            "image": self.image,
+            "pinned_digest": self.pinned_digest,
+            "reason": self.reason.value,
+            "detail": self.detail,
+        }
+
+    def message(self) -> OutboxMessage:
+        return OutboxMessage("alerts", self.to_dict(), PRIORITY_ALERT)
+
+
+@dataclass(frozen=True, slots=True)
+class PluginSlotAlert:
+    """Something other than ImageGuard could answer dockerd's authorization (``.../alerts``,
+    ``schemas/plugin-slot-alert.schema.json``)."""
+
+    device: str
+    findings: tuple[str, ...]
+    id: str = field(default_factory=lambda: new_id())
+    time: str = field(default_factory=lambda: utc_now())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "time": self.time,
+            "device": self.device,
+            "alert": "authz-plugin-slot",
+            "findings": list(self.findings),
+        }
+
+    def message(self) -> OutboxMessage:
+        return OutboxMessage("alerts", self.to_dict(), PRIORITY_ALERT)
+
+
 def policy_event(
     *,
     device: str,
@@ -183,34 +302,11 @@ def policy_event(
     detail: str | None = None,
     now: float | None = None,
 ) -> OutboxMessage:
-    """Acknowledgement of an applied, unchanged or rejected policy change (``.../policy`` telemetry)."""
-    msg: dict[str, Any] = {
-        "id": new_id(),
-        "time": utc_now(now),
-        "device": device,
-        "layer": layer,
-        "version": version,
-        "status": status,
-        "policy_version": policy_version,
-        "source": source,
-    }
-    if reason:
-        msg["reason"] = reason
-    if detail:
-        msg["detail"] = detail
-    return OutboxMessage("policy", msg, PRIORITY_POLICY)
+    """The ``.../policy`` message of :class:`PolicyEvent`."""
+    return PolicyEvent(
+        device, layer, version, status, policy_version, source, reason, detail, time=utc_now(now)
+    ).message()
 
 
 def plugin_slot_alert(device: str, findings: list[str], now: float | None = None) -> OutboxMessage:
-    """An ``.../alerts`` message: something other than ImageGuard could answer dockerd's authorization."""
-    return OutboxMessage(
-        "alerts",
-        {
-            "id": new_id(),
-            "time": utc_now(now),
-            "device": device,
-            "alert": "authz-plugin-slot",
-            "findings": findings,
-        },
-        PRIORITY_ALERT,
-    )
+    return PluginSlotAlert(device, tuple(findings), time=utc_now(now)).message()

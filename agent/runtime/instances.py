@@ -45,7 +45,7 @@ from agent.core.instances import (
     update_due,
 )
 from agent.core.policy import DEVICE_LAYER, EffectivePolicy, PolicyLayer
-from agent.core.records import PRIORITY_ALERT, PRIORITY_INSTANCE, OutboxMessage, new_id, utc_now
+from agent.core.records import InstanceAlert, InstanceEvent, OutboxMessage, utc_now
 from agent.errors import (
     Code,
     EngineError,
@@ -560,16 +560,8 @@ class InstanceManager:
             log.info("instance %s: %s", state.name, state.status)
 
     def _status_message(self, spec: InstanceSpec | None, state: InstanceState) -> OutboxMessage:
-        msg = {
-            "id": new_id(),
-            "time": state.updated_at or utc_now(),
-            "device": self.config.device.id,
-            "policy_version": self._policy_version(),
-            **state.to_dict(),
-        }
-        if spec is not None:
-            msg["image"] = str(spec.image)
-        return OutboxMessage("instances", msg, PRIORITY_INSTANCE)
+        image = str(spec.image) if spec is not None else None
+        return InstanceEvent(self.config.device.id, self._policy_version(), state, image).message()
 
     def _failed(
         self,
@@ -636,22 +628,15 @@ class InstanceManager:
         return self.service.layer(DEVICE_LAYER).version
 
     def _alert(self, spec: InstanceSpec, state: InstanceState, failure: InstanceFailure) -> OutboxMessage:
-        return OutboxMessage(
-            "alerts",
-            {
-                "id": new_id(),
-                "time": utc_now(),
-                "device": self.config.device.id,
-                "policy_version": self._policy_version(),
-                "alert": "instance-update-rejected",
-                "instance": spec.name,
-                "image": str(spec.image),
-                "pinned_digest": str(state.pinned_digest),
-                "reason": failure.reason.value,
-                "detail": failure.detail,
-            },
-            PRIORITY_ALERT,
-        )
+        return InstanceAlert(
+            self.config.device.id,
+            self._policy_version(),
+            spec.name,
+            str(spec.image),
+            str(state.pinned_digest),
+            failure.reason,
+            failure.detail,
+        ).message()
 
 
 def _raise(failure: InstanceFailure) -> InstanceState:

@@ -11,6 +11,7 @@ from typing import Any
 
 from agent.adapters.engine import Gone
 from agent.core.facts import ContainerFacts, facts_for_create
+from agent.core.policy import EffectivePolicy, Enforcement
 from agent.runtime.enforcer import ContainerEngine
 
 
@@ -66,6 +67,45 @@ class FakeEngine:
 
     def close(self) -> None:
         pass
+
+
+# -- what the authorization plugin's gate reads of the enforcer (agent/runtime/authz.py) --------------
+
+
+@dataclass
+class FakeFacts:
+    id: str = "c0ffee0000"
+    name: str = "web"
+    image: str = "acme/app:1"
+    short_id: str = "c0ffee"
+
+
+@dataclass
+class FakeDecision:
+    verdict: str
+    reason: Any
+    detail: str
+
+
+@dataclass
+class FakeHandled:
+    decision: FakeDecision
+    facts: FakeFacts
+
+
+class FakeEnforcer:
+    """The enforcer's live policy and ``authorize``: answers ``outcome`` (or raises it)."""
+
+    def __init__(self, enforcement: Enforcement, outcome: Any) -> None:
+        self.policy = EffectivePolicy.compose([], enforcement)
+        self.outcome = outcome
+        self.calls: list[str] = []
+
+    def authorize(self, ref: str) -> Any:
+        self.calls.append(ref)
+        if isinstance(self.outcome, Exception):
+            raise self.outcome
+        return self.outcome
 
 
 def _conforms(engine: FakeEngine) -> ContainerEngine:

@@ -177,3 +177,37 @@ def test_decision_record_round_trips_and_matches_its_schema() -> None:
 def test_a_row_that_is_no_decision_record_is_refused(row: dict[str, Any]) -> None:
     with pytest.raises(InputError, match="not a decision record"):
         DecisionRecord.from_dict(row)
+
+
+def test_every_telemetry_record_matches_its_schema() -> None:
+    from agent.core.instances import InstanceState
+    from agent.core.records import InstanceAlert, InstanceEvent, PluginSlotAlert, PolicyEvent
+
+    cases = [
+        (
+            PolicyEvent("e", "device", 3, "rejected", 2, "cli", "policy-conflict", "differs"),
+            "policy-event",
+            "policy",
+        ),
+        (PolicyEvent("e", "group:g", 1, "applied", 0, "fleet:g"), "policy-event", "policy"),
+        (
+            InstanceEvent(
+                "e", 4, InstanceState("web", "running", pinned_digest=IMAGE_ID, container_id="c"), "r/app:1"
+            ),
+            "instance-event",
+            "instances",
+        ),
+        (
+            InstanceAlert("e", 4, "web", "r/app:1", str(IMAGE_ID), Code.SIGNATURE_INVALID, "bad"),
+            "instance-alert",
+            "alerts",
+        ),
+        (
+            PluginSlotAlert("e", ("managed plugin x is an authorization plugin",)),
+            "plugin-slot-alert",
+            "alerts",
+        ),
+    ]
+    for record, schema, kind in cases:
+        validate(record.to_dict(), schema, schema)
+        assert record.message().kind == kind and record.message().message == record.to_dict()

@@ -11,7 +11,6 @@ import stat
 import tempfile
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from http.client import HTTPConnection
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import pytest
 from agent.adapters.engine import Gone
 from agent.config import PreventiveConfig
 from agent.core.api import ApiRequest, classify
-from agent.core.policy import EffectivePolicy, Enforcement
+from agent.core.policy import Enforcement
 from agent.errors import EngineError, InputError, StateError
 from agent.runtime.authz import (
     ALLOW,
@@ -33,6 +32,7 @@ from agent.runtime.authz import (
     answer_request,
     start_target,
 )
+from tests.support.fakes import FakeDecision, FakeEnforcer, FakeFacts, FakeHandled
 
 START_CASES = [
     # (method, uri, container the request would start, or None)
@@ -192,40 +192,6 @@ def test_parse_decodes_body_strictly() -> None:
 
 
 # -- the gate: live policy -> answer ----------------------------------------------------------------
-
-
-@dataclass
-class FakeFacts:
-    id: str = "c0ffee0000"
-    name: str = "web"
-    image: str = "acme/app:1"
-    short_id: str = "c0ffee"
-
-
-@dataclass
-class FakeDecision:
-    verdict: str
-    reason: Any
-    detail: str
-
-
-@dataclass
-class FakeHandled:
-    decision: FakeDecision
-    facts: FakeFacts
-
-
-class FakeEnforcer:
-    def __init__(self, enforcement: Enforcement, outcome: Any) -> None:
-        self.policy = EffectivePolicy.compose([], enforcement)
-        self.outcome = outcome
-        self.calls: list[str] = []
-
-    def authorize(self, ref: str) -> Any:
-        self.calls.append(ref)
-        if isinstance(self.outcome, Exception):
-            raise self.outcome
-        return self.outcome
 
 
 class _Reason:
