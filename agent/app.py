@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from agent import __version__
 from agent.adapters.engine import Engine
 from agent.adapters.store import Store
-from agent.adapters.wakeup import Listener, notify_agent
+from agent.adapters.wakeup import DatabaseWatch, Listener, notify_agent
 from agent.config import Config
 from agent.control.service import Service
 from agent.core.decision import VerificationOutcome, VerifyTarget, rescan_reason
@@ -192,7 +192,7 @@ class Agent:
         self.enforcer: Enforcer | None = None
         self.monitor: Monitor | None = None
         self.scanner: Scanner | None = None
-        self.listener: Listener | None = None
+        self.listener: Listener | DatabaseWatch | None = None
         self.authz: AuthzServer | None = None
         self.instances: InstanceManager | None = None
         self.cloud: CloudConnection | None = None
@@ -272,8 +272,22 @@ class Agent:
         self.scanner.start()
         self.instances = InstanceManager(self.config, self.service, self.engine, on_pins_changed=self.reload)
         self.instances.start()
-        self.listener = Listener(self.config.state_dir, self._on_notify)
-        self.listener.start()
+        listener: Listener | DatabaseWatch
+        try:
+            listener = Listener(self.config.state_dir, self._on_notify)
+        except OSError as exc:
+            # enforcement does not depend on it: watch the database instead
+            log.error(
+                "cannot serve the wake-up socket in %s (%s): CLI changes are picked up by watching the "
+                "database, within about a second",
+                self.config.state_dir,
+                exc.strerror or exc,
+            )
+            listener = DatabaseWatch(
+                [self.store.path, self.store.path.with_name(self.store.path.name + "-wal")], self.reload
+            )
+        self.listener = listener
+        listener.start()
         self.monitor = Monitor(
             self.engine, self._on_event, self._on_connected, on_plugin=lambda _e: self._check_plugin_slot()
         )

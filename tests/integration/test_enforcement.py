@@ -251,3 +251,33 @@ def test_monitor_removes_an_allowed_image_that_binds_the_agents_state(
     assert by_name["grabber"]["reason"] == "runtime-constraint"
     assert "agent-protection" in by_name["grabber"]["detail"]
     assert by_name["fine"]["reason"] == "allowlisted"
+
+
+def test_a_blocked_wake_up_channel_never_stops_enforcement(
+    setup: tuple[Path, Dockerd], tmp_path: Path, busybox_images: dict[str, str]
+) -> None:
+    """Whoever occupies the wake-up socket's name cannot take the agent down: it watches the database."""
+    config, engine = setup
+    (tmp_path / "state" / "agent.sock").mkdir(parents=True)  # the socket's place is taken
+    cli(config, "allowlist", "remove", busybox_images[ALLOWED], check=True)
+    proc = AgentProcess(config, tmp_path / "agent.log").start()
+    try:
+        assert "cannot serve the wake-up socket" in proc.log()
+        engine.docker("run", "-d", "--name", "early", ALLOWED)
+        gone(engine, "early")  # enforcing
+        cli(config, "allowlist", "add", busybox_images[ALLOWED], check=True)  # no wake-up possible
+        proc.wait_log("policy reloaded")
+        engine.docker("run", "-d", "--name", "late", ALLOWED)
+        proc.wait_log("allowed container late")
+        assert running(engine, "late")
+    finally:
+        assert proc.stop() == 0, proc.log()
+
+
+def test_the_wake_up_socket_is_private_to_the_agents_user(
+    agent: AgentProcess, setup: tuple[Path, Dockerd], tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    sock = state / "agent.sock"
+    assert sock.is_socket() and oct(sock.stat().st_mode & 0o777) == "0o600"
+    assert oct(state.stat().st_mode & 0o777) == "0o700"  # no other user can reach it
