@@ -294,6 +294,12 @@ class Agent:
         self.monitor.start()
         if self.cloud is not None:  # after the enforcer: requests and fleet layers may act at once
             self.cloud.start()
+        if self.service.first_run and not self.config.enforcement.mode_configured:
+            log.warning(
+                "no policy has been set on this device yet: running in AUDIT mode, nothing is stopped; allow "
+                "what should run (imageguard allowlist add --image REF, --from-running), then enforce with "
+                "'imageguard enforcement --mode enforce'"
+            )
         e = policy.enforcement
         log.info(
             "ImageGuard %s started: device %s, policy version %d, %d allowlisted digests, %d trust anchors, %s",

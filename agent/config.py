@@ -44,6 +44,9 @@ class EnforcementConfig:
     negative_cache_seconds: float = 60.0
     #: how often every container is checked against what was decided (catches anything missed)
     reconcile_seconds: float = 30.0
+    #: whether the configuration names the mode: if not, a device on which no policy was ever set runs in
+    #: audit mode, so that the first start of the agent removes nothing
+    mode_configured: bool = False
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,14 @@ def _path(value: Any, base: Path) -> Path | None:
     return p if p.is_absolute() else base / p
 
 
+def _engine(data: dict[str, Any]) -> EngineConfig:
+    """As the docker CLI does: the configuration's url, else ``DOCKER_HOST``, else the default socket."""
+    e = dict(data)
+    if "url" not in e and os.environ.get("DOCKER_HOST"):
+        e["url"] = os.environ["DOCKER_HOST"]
+    return EngineConfig(**e)
+
+
 def _preventive(data: dict[str, Any]) -> PreventiveConfig:
     p = dict(data)
     if "socket" in p:
@@ -195,9 +206,11 @@ def from_dict(data: dict[str, Any], source: str = "<dict>", base: Path | None = 
     state_dir = _path(data.get("state", {}).get("dir"), base) or DEFAULT_STATE_DIR
     return Config(
         device=device,
-        engine=EngineConfig(**data.get("engine", {})),
+        engine=_engine(data.get("engine", {})),
         state_dir=state_dir,
-        enforcement=EnforcementConfig(**data.get("enforcement", {})),
+        enforcement=EnforcementConfig(
+            **data.get("enforcement", {}), mode_configured="mode" in data.get("enforcement", {})
+        ),
         logging=LoggingConfig(**data.get("logging", {})),
         preventive=_preventive(data.get("preventive", {})),
         registries=tuple(registries),

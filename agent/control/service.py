@@ -72,7 +72,14 @@ class Service:
     @property
     def default_enforcement(self) -> Enforcement:
         e = self.config.enforcement
+        if not e.mode_configured and self.first_run:
+            return Enforcement(enabled=e.enabled, mode="audit")
         return Enforcement(enabled=e.enabled, mode=e.mode)
+
+    @property
+    def first_run(self) -> bool:
+        """No policy was ever set on this device (every stored layer is at version 0)."""
+        return all(lyr.version == 0 for lyr in self.store.layers())
 
     def effective(self, replacing: PolicyLayer | None = None) -> EffectivePolicy:
         """The policy in force; with ``replacing``, the one that would be in force with that layer."""
@@ -106,6 +113,7 @@ class Service:
             "device": self.config.device.id,
             "groups": list(self.config.device.groups),
             "enforcement": policy.enforcement.to_dict(),
+            "first_run": self.first_run and not self.config.enforcement.mode_configured,
             "policy": {
                 "version": policy.version,
                 "layers": dict(policy.versions),
@@ -231,6 +239,11 @@ class Service:
 
     def _edit(self, source: str, **changes: Any) -> ApplyResult:
         current = self.store.layer(DEVICE_LAYER)
+        first = self.first_run and not self.config.enforcement.mode_configured
+        if first and current.enforcement is None and "enforcement" not in changes:
+            # building the first policy entry by entry keeps the first run's audit mode: enforcing stays an
+            # explicit step (imageguard enforcement --mode enforce)
+            changes["enforcement"] = self.default_enforcement
         return self.apply_layer(current.bumped(**changes), source=source)
 
     def allowlist_add(

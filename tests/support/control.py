@@ -29,7 +29,14 @@ class Harness:
             (tmp / "policy.pub").write_text(public_pem())
             mqtt["policy_signing_key"] = str(tmp / "policy.pub")
         self.config: Config = from_dict(
-            {"device": {"id": "dev-1", "groups": ["g1"]}, "state": {"dir": str(tmp / "state")}, "mqtt": mqtt},
+            {
+                "device": {"id": "dev-1", "groups": ["g1"]},
+                "state": {"dir": str(tmp / "state")},
+                "enforcement": {
+                    "mode": "enforce"
+                },  # not a first run's audit: these tests are about resources
+                "mqtt": mqtt,
+            },
             base=tmp,
         )
         self.store = Store(self.config.state_dir)

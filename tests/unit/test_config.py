@@ -180,7 +180,7 @@ policy_signing_key = "keys/policy.pub"
     )
     assert (cfg.engine.url, cfg.engine.timeout_seconds) == ("unix:///run/other.sock", 5)
     assert cfg.enforcement == EnforcementConfig(
-        enabled=False, mode="audit", stop_grace_seconds=0, negative_cache_seconds=0
+        enabled=False, mode="audit", stop_grace_seconds=0, negative_cache_seconds=0, mode_configured=True
     )
     assert (cfg.logging.level, cfg.logging.format) == ("debug", "json")
     # relative paths are resolved against the folder of the file, absolute ones kept

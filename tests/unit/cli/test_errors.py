@@ -244,7 +244,9 @@ def test_allowlist_remove(cli: Cli) -> None:
 
 
 def test_enforcement(cli: Cli) -> None:
-    code, out, _ = cli.run("enforcement", "--json")
+    code, out, _ = cli.run("enforcement", "--json")  # no policy ever set: a first run audits
+    assert (code, json.loads(out)) == (0, {"enabled": True, "mode": "audit"})
+    code, out, _ = cli.run("enforcement", "--mode", "enforce", "--json")  # the explicit step
     assert (code, json.loads(out)) == (0, {"enabled": True, "mode": "enforce"})
     code, out, _ = cli.run("enforcement", "--mode", "audit", "--disable", "--json")
     assert (code, json.loads(out)) == (0, {"enabled": False, "mode": "audit"})

@@ -221,7 +221,8 @@ def test_local_edits_keep_the_rest_of_the_layer(ht: Harness) -> None:
 
 
 def test_set_enforcement(h: Harness) -> None:
-    assert h.service.effective().enforcement == Enforcement(True, "enforce")
+    # no policy ever set and no mode configured: a first run audits, it does not remove anything
+    assert h.service.effective().enforcement == Enforcement(True, "audit")
     assert h.service.set_enforcement(mode="audit").version == 1
     assert h.service.effective().enforcement == Enforcement(True, "audit")
     h.service.set_enforcement(enabled=False)
@@ -362,3 +363,20 @@ def test_a_remote_document_may_not_use_up_the_version_space(tmp_path: Path) -> N
         assert service.layer().version == 1
     finally:
         store.close()
+
+
+def test_a_first_run_audits_until_enforcing_is_switched_on(h: Harness) -> None:
+    assert h.service.first_run and h.service.effective().enforcement.mode == "audit"
+    h.service.allowlist_add([D1])  # building the first policy entry by entry keeps audit mode
+    assert not h.service.first_run
+    assert h.service.effective().enforcement == Enforcement(True, "audit")
+    h.service.set_enforcement(mode="enforce")  # the explicit step
+    assert h.service.effective().enforcement == Enforcement(True, "enforce")
+
+
+def test_a_configured_mode_applies_from_the_first_run(tmp_path: Path) -> None:
+    harness = Harness(tmp_path, telemetry=False, mode="enforce")
+    try:
+        assert harness.service.effective().enforcement == Enforcement(True, "enforce")
+    finally:
+        harness.store.close()
