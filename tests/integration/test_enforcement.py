@@ -281,3 +281,29 @@ def test_the_wake_up_socket_is_private_to_the_agents_user(
     sock = state / "agent.sock"
     assert sock.is_socket() and oct(sock.stat().st_mode & 0o777) == "0o600"
     assert oct(state.stat().st_mode & 0o777) == "0o700"  # no other user can reach it
+
+
+def test_the_first_run_removes_nothing(engine: Dockerd, tmp_path: Path) -> None:
+    """A new device (no policy ever set, no mode configured): audit until enforcing is switched on."""
+    config = write_config(
+        tmp_path / "config.toml",
+        {
+            "device": {"id": "new-device"},
+            "engine": {"url": engine.url},
+            "state": {"dir": str(tmp_path / "state")},
+        },
+        first_run_audit=True,
+    )
+    engine.docker("run", "-d", "--name", "was-here", OTHER)
+    proc = AgentProcess(config, tmp_path / "agent.log").start()
+    try:
+        assert "running in AUDIT mode" in proc.log()
+        assert running(engine, "was-here")
+        status = json.loads(cli(config, "status", "--json").stdout)
+        assert status["first_run"] is True and status["enforcement"]["mode"] == "audit"
+        assert {d["container"]["name"]: d["verdict"] for d in decisions(config)}["was-here"] == "would-block"
+        cli(config, "enforcement", "--mode", "enforce", check=True)  # the explicit step
+        gone(engine, "was-here")
+    finally:
+        assert proc.stop() == 0, proc.log()
+        engine.docker("rm", "-f", "was-here", check=False)

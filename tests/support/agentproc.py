@@ -16,8 +16,14 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 
 
-def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
-    """Write a TOML config from nested dicts (strings, numbers, booleans, lists of strings)."""
+def write_config(path: Path, sections: dict[str, dict[str, Any]], *, first_run_audit: bool = False) -> Path:
+    """Write a TOML config from nested dicts (strings, numbers, booleans, lists of strings).
+
+    The tests are about enforcing, so the mode is ``enforce`` unless they name one; ``first_run_audit``
+    leaves it unset, as a new device's configuration would (the agent then audits until a policy is set).
+    """
+    if not first_run_audit:
+        sections = {**sections, "enforcement": {"mode": "enforce", **sections.get("enforcement", {})}}
     lines: list[str] = []
     for name, values in sections.items():
         lines.append(f"[{name}]")
