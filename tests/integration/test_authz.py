@@ -657,7 +657,18 @@ def test_a_plugin_taking_the_slot_is_refused_and_if_let_in_reported(
         code, checks = doctor(env)
         assert code != 0 and checks["plugin slot"]["status"] == "fail", checks["plugin slot"]
         assert env.name in checks["plugin slot"]["detail"]
+        # without the permission, enabling it is refused too
+        env.stop_agent()
+        env.config.write_text(cfg)
+        env.start_agent()
+        r = env.engine.docker("plugin", "enable", env.name, check=False)
+        assert r.returncode != 0 and "is not allowed" in r.stderr, r.stderr
     finally:
+        env.stop_agent()
+        env.config.write_text(
+            cfg.replace("[preventive]\n", f'[preventive]\nallow_plugins = ["{env.name}"]\n')
+        )
+        env.start_agent()
         env.engine.docker("plugin", "rm", "-f", env.name, check=False)
         env.stop_agent()
         env.config.write_text(cfg)
