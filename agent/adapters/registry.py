@@ -18,8 +18,11 @@ Transport rules:
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import re
+import socket
+import threading
 import time
 import urllib.parse
 from collections.abc import Iterable, Mapping
@@ -27,6 +30,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import requests
+import requests.adapters
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from agent.config import Config, RegistryConfig
 from agent.core.digest import Digest
@@ -186,18 +192,115 @@ class _Response:
 
 
 class _Deadline:
+    """One operation's time limit, enforced on the sockets themselves.
+
+    Socket timeouts bound each ``recv``, not the whole answer: a peer that trickles one header byte per
+    second never trips them. So every socket used under a deadline is registered here (see
+    :class:`_WatchedHTTPConnection`), and a timer shuts them down when the deadline passes; the blocked read
+    returns at once and the operation fails as ``registry-unreachable``.
+    """
+
     def __init__(self, seconds: float, what: str) -> None:
         self.end = time.monotonic() + seconds
         self.seconds = seconds
         self.what = what
+        self.expired = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
 
     def remaining(self) -> float:
         left = self.end - time.monotonic()
-        if left <= 0:
-            raise RegistryUnreachable(
-                f"{self.what}: no complete answer within {self.seconds:g}s; the registry is slow or stalled"
-            )
+        if left <= 0 or self.expired:
+            raise self.error()
         return left
+
+    def error(self) -> RegistryUnreachable:
+        return RegistryUnreachable(
+            f"{self.what}: no complete answer within {self.seconds:g}s; the registry is slow or stalled"
+        )
+
+    def watch(self, sock: socket.socket | None) -> None:
+        if sock is None:
+            return
+        with self._lock:
+            if self.expired:
+                _shutdown(sock)
+                return
+            self._sockets.append(sock)
+            if self._timer is None:
+                self._timer = threading.Timer(max(0.0, self.end - time.monotonic()), self._expire)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            _shutdown(sock)
+
+    def __enter__(self) -> _Deadline:
+        _current.deadline = self
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _current.deadline = None
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._sockets.clear()
+
+
+def _shutdown(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in recv; close() alone may not
+
+
+#: the deadline of the operation this thread is running (a RegistryClient is used by one thread at a time)
+_current = threading.local()
+
+
+def _watch(sock: socket.socket | None) -> None:
+    deadline: _Deadline | None = getattr(_current, "deadline", None)
+    if deadline is not None:
+        deadline.watch(sock)
+
+
+class _WatchedHTTPConnection(HTTPConnection):
+    def connect(self) -> None:
+        super().connect()
+        _watch(self.sock)
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _watch(self.sock)  # a kept-alive socket joins the deadline of the request it now carries
+        super().request(*args, **kwargs)
+
+
+class _WatchedHTTPSConnection(HTTPSConnection):
+    def connect(self) -> None:
+        super().connect()
+        _watch(self.sock)
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _watch(self.sock)
+        super().request(*args, **kwargs)
+
+
+class _WatchedHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _WatchedHTTPConnection
+
+
+class _WatchedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
+
+
+class _DeadlineAdapter(requests.adapters.HTTPAdapter):
+    """``requests``' adapter with connections that honour :class:`_Deadline` (urllib3's pool classes)."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
 
 
 @dataclass
@@ -236,6 +339,8 @@ class RegistryClient:
         self.last_push_indexed_subject = False
         self._session = requests.Session()
         self._session.trust_env = False  # no proxies or .netrc credentials from the environment
+        for prefix in ("http://", "https://"):
+            self._session.mount(prefix, _DeadlineAdapter())
         self._challenges: dict[str, tuple[str, dict[str, str]]] = {}
         self._tokens: dict[tuple[str, str], _Token] = {}
 
@@ -472,7 +577,25 @@ class RegistryClient:
         missing_ok: bool = False,
     ) -> _Response | None:
         """One authenticated request under one deadline; 404 is ``None`` when ``missing_ok``."""
-        deadline = _Deadline(self.deadline, what)
+        with _Deadline(self.deadline, what) as deadline:
+            return self._call_within(
+                deadline, repo, method, path, what, max_bytes, headers, data, push, ok_statuses, missing_ok
+            )
+
+    def _call_within(
+        self,
+        deadline: _Deadline,
+        repo: Repository,
+        method: str,
+        path: str,
+        what: str,
+        max_bytes: int,
+        headers: Mapping[str, str] | None,
+        data: bytes | None,
+        push: bool,
+        ok_statuses: tuple[int, ...],
+        missing_ok: bool,
+    ) -> _Response | None:
         host = repo.registry
         url = (
             path if path.startswith(("http://", "https://")) else self._base_url(host) + f"{repo.name}/{path}"
@@ -593,19 +716,10 @@ class RegistryClient:
                     ),
                     verify=self._verify(urllib.parse.urlsplit(url).netloc, host),
                 )
-            except requests.exceptions.SSLError as exc:
-                raise RegistryUnreachable(
-                    f"{what}: TLS handshake with {urllib.parse.urlsplit(url).netloc} failed "
-                    f"({_reason(exc)}); "
-                    "if the registry uses a private CA, set registries[].ca_bundle",
-                    code=Code.REGISTRY_TLS_ERROR,
-                ) from None
-            except requests.exceptions.Timeout:
-                raise RegistryUnreachable(
-                    f"{what}: the registry did not answer within {self.timeout:g}s"
-                ) from None
             except requests.exceptions.RequestException as exc:
-                raise RegistryUnreachable(f"{what}: cannot reach the registry ({_reason(exc)})") from None
+                if deadline.expired:
+                    raise deadline.error() from None
+                raise _request_error(exc, what, self.timeout, urllib.parse.urlsplit(url).netloc) from None
             with raw:
                 if raw.status_code in _REDIRECTS and method in ("GET", "HEAD"):
                     target = raw.headers.get("Location")
@@ -653,12 +767,26 @@ def _read_capped(raw: requests.Response, cap: int, deadline: _Deadline, what: st
                     f"{what}: the response exceeds the {cap}-byte limit",
                     code=Code.REGISTRY_RESPONSE_TOO_LARGE,
                 )
-    except requests.exceptions.RequestException as exc:
-        raise RegistryUnreachable(f"{what}: the connection failed while reading ({_reason(exc)})") from None
+    except RegistryError:
+        raise
     except Exception as exc:  # urllib3 raises its own types (ReadTimeoutError, ProtocolError) mid-body
-        if isinstance(exc, RegistryError):
-            raise
+        if deadline.expired:
+            raise deadline.error() from None
         raise RegistryUnreachable(f"{what}: the connection failed while reading ({_reason(exc)})") from None
+
+
+def _request_error(
+    exc: requests.exceptions.RequestException, what: str, timeout: float, netloc: str
+) -> Exception:
+    if isinstance(exc, requests.exceptions.SSLError):
+        return RegistryUnreachable(
+            f"{what}: TLS handshake with {netloc} failed ({_reason(exc)}); "
+            "if the registry uses a private CA, set registries[].ca_bundle",
+            code=Code.REGISTRY_TLS_ERROR,
+        )
+    if isinstance(exc, requests.exceptions.Timeout):
+        return RegistryUnreachable(f"{what}: the registry did not answer within {timeout:g}s")
+    return RegistryUnreachable(f"{what}: cannot reach the registry ({_reason(exc)})")
 
 
 def _basic(username: str, password: str) -> str:

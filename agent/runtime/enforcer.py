@@ -1,7 +1,9 @@
 """The enforcement loop: engine facts -> decide (pure core) -> record -> act.
 
 Work for one container always runs on the same lane (a single thread), so events for one container are
-handled in order while different containers are handled in parallel.
+handled in order while different containers are handled in parallel. A container whose signature must be
+checked leaves its lane while the registry answers (frozen meanwhile) and comes back to it for the verdict:
+a slow registry never delays the containers that share the lane.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ RETRY_MAX_SECONDS = 30.0
 
 #: how long a start the authorization plugin allowed spares the monitor deciding again on its start event
 AUTHORIZED_TTL = 30.0
+#: triggers whose caller does not wait for the decision: their verification runs off the lanes
+_OFF_LANE = ("start", "retry", "reconcile")
 
 
 class Verifier(Protocol):
@@ -168,8 +172,11 @@ class Enforcer:
         #: containers allowed at some point (bounded): only these get a grace period when they lose that
         self._allowed_once: dict[str, None] = {}
         self._lock = threading.Lock()
+        #: containers waiting off their lane for a verification (agent/runtime/verification.py)
+        self._verifying: set[str] = set()
         self._lanes = Lanes(lanes)
         self._removals = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="remove")
+        self._verifications = ThreadPoolExecutor(max_workers=32, thread_name_prefix="verify-wait")
 
     # -- state -------------------------------------------------------------------------------------
 
@@ -272,7 +279,7 @@ class Enforcer:
         Anything a lost event, a failed retry or a race let through is caught here. Returns how many.
         """
         with self._lock:
-            known = set(self._decided) | set(self._frozen) | set(self._attempts)
+            known = set(self._decided) | set(self._frozen) | set(self._attempts) | self._verifying
         missed = [cid for cid in self.engine.container_ids() if cid not in known]
         for cid in missed:
             self.submit(cid, "reconcile")
@@ -294,6 +301,7 @@ class Enforcer:
         return results
 
     def close(self) -> None:
+        self._verifications.shutdown(wait=False, cancel_futures=True)
         self._lanes.close()
         self._removals.shutdown(wait=True)
 
@@ -308,6 +316,11 @@ class Enforcer:
             log.debug("container %s was allowed before it started; not deciding again", container_id[:12])
             self._thaw(frozen)
             return None
+        with self._lock:
+            if container_id in self._verifying and not dry_run:
+                if frozen is not None:
+                    self._frozen[container_id] = frozen
+                return None  # its verdict is on the way
         policy = self._policy
         try:
             facts, decision = self._decide(container_id, policy)
@@ -342,7 +355,83 @@ class Enforcer:
             if policy.enforcement.mode == "enforce" and facts.state == "running" and frozen is None:
                 frozen = self._freeze_now(facts.id)
                 paused = frozen is None and self._pause(facts)  # no cgroup access: the engine's pause
+            if trigger in _OFF_LANE:
+                self._verify_off_lane(facts, decision, policy, trigger, frozen, paused)
+                return None
             decision = conclude(decision, self._verify(decision.verify), policy)
+        return self._finish(facts, decision, policy, trigger, frozen, paused, dry_run=dry_run)
+
+    def _verify_off_lane(
+        self,
+        facts: ContainerFacts,
+        decision: Decision,
+        policy: EffectivePolicy,
+        trigger: str,
+        frozen: ContainerCgroup | None,
+        paused: bool,
+    ) -> None:
+        """Verify on another thread, then conclude on the container's lane again."""
+        cid = facts.id
+        with self._lock:
+            self._verifying.add(cid)
+
+        def verified(fut: Future[VerificationOutcome]) -> None:
+            self._lanes.submit(
+                cid, lambda: self._conclude_safely(fut, facts, decision, policy, trigger, frozen, paused)
+            )
+
+        try:
+            self._verifications.submit(self._verify, decision.verify).add_done_callback(verified)
+        except RuntimeError:  # shutting down: the container stays frozen, the next start decides it
+            with self._lock:
+                self._verifying.discard(cid)
+
+    def _conclude_safely(
+        self,
+        fut: Future[VerificationOutcome],
+        facts: ContainerFacts,
+        decision: Decision,
+        policy: EffectivePolicy,
+        trigger: str,
+        frozen: ContainerCgroup | None,
+        paused: bool,
+    ) -> Handled | None:
+        with self._lock:
+            self._verifying.discard(facts.id)
+        try:
+            outcome = fut.result()
+        except Exception as exc:  # a verifier bug fails closed
+            log.exception("verification of %s failed", facts.image)
+            outcome = VerificationOutcome(None, Code.VERIFICATION_ERROR, f"verification failed: {exc}")
+        try:
+            if policy is not self._policy:
+                # the policy changed while the registry answered: decide again under the new one
+                if frozen is not None:
+                    with self._lock:
+                        self._frozen[facts.id] = frozen
+                return self._handle_safely(facts.id, "retry", None)
+            return self._finish(facts, conclude(decision, outcome, policy), policy, trigger, frozen, paused)
+        except EngineError as exc:
+            self._count("engine_errors")
+            self._retry_later(facts.id, f"could not act on container {facts.short_id}: {exc}")
+        except Exception:
+            self._count("enforcement_errors")
+            log.exception("acting on container %s failed", facts.short_id)
+            self._retry_later(facts.id, "internal error")
+        return None
+
+    def _finish(
+        self,
+        facts: ContainerFacts,
+        decision: Decision,
+        policy: EffectivePolicy,
+        trigger: str,
+        frozen: ContainerCgroup | None,
+        paused: bool,
+        *,
+        dry_run: bool = False,
+    ) -> Handled:
+        """Record and act on a concluded decision."""
         action = "none"
         if decision.verdict == "blocked":
             action = "remove"
@@ -367,7 +456,7 @@ class Enforcer:
             self._decided[facts.id] = None
             if len(self._decided) > 16384:
                 del self._decided[next(iter(self._decided))]
-        self._act(facts, decision, action, grace, wait=trigger not in ("start", "retry", "reconcile"))
+        self._act(facts, decision, action, grace, wait=trigger not in _OFF_LANE)
         return Handled(record, decision, facts)
 
     def _freeze_now(self, container_id: str) -> ContainerCgroup | None:

@@ -139,14 +139,31 @@ def verify_reference(
     return result
 
 
+#: verifications in flight against one registry: a hostile or stalled registry holds at most this many
+#: workers (each until its deadline closes the socket), so images from other registries always get one
+PER_REGISTRY = 2
+WORKERS = 16
+
+
 class ImageVerifier:
     """The enforcer's verifier: bounded in time, never raises."""
 
-    def __init__(self, config: Config, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, config: Config, *, clock: Callable[[], float] = time.time, per_registry: int = PER_REGISTRY
+    ) -> None:
         self.config = config
         self.clock = clock
-        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="verify")
+        self.per_registry = per_registry
+        self._pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="verify")
         self._lock = threading.Lock()
+        self._slots: dict[str, threading.BoundedSemaphore] = {}
+
+    def _slot(self, registry: str) -> threading.BoundedSemaphore:
+        with self._lock:
+            slot = self._slots.get(registry)
+            if slot is None:
+                slot = self._slots[registry] = threading.BoundedSemaphore(self.per_registry)
+            return slot
 
     def _client(self, timeout: float) -> RegistryClient:
         return RegistryClient(self.config, timeout=min(timeout, 10.0), deadline=timeout)
@@ -164,9 +181,20 @@ class ImageVerifier:
     def _verify_all(self, targets: tuple[VerifyTarget, ...], timeout: float) -> VerificationOutcome:
         reasons: list[str] = []
         all_unreachable = True
+        end = time.monotonic() + timeout
         with self._client(timeout) as client:
             for target in targets:
-                result = verify_reference(client, target.ref, target.anchors, now=self.clock())
+                slot = self._slot(target.ref.registry)
+                if not slot.acquire(timeout=max(0.0, end - time.monotonic())):
+                    reasons.append(
+                        f"{target.ref}: registry {target.ref.registry} is busy with {self.per_registry} "
+                        "verifications that have not finished (slow or stalled registry)"
+                    )
+                    continue
+                try:
+                    result = verify_reference(client, target.ref, target.anchors, now=self.clock())
+                finally:
+                    slot.release()
                 if result.verified is not None and result.anchor is not None:
                     v = result.verified
                     log.info(

@@ -80,6 +80,16 @@ def _stall(handler: Handler) -> None:
     time.sleep(3)
 
 
+def _trickle_headers(handler: Handler) -> None:
+    """A status line, then one header byte every 50 ms, forever: each recv returns well within the
+    socket timeout, so only a deadline held on the socket itself ends it."""
+    handler.wfile.write(b"HTTP/1.1 200 OK\r\n")
+    for _ in range(100000):
+        handler.wfile.write(b"X-Slow: " if _ == 0 else b"a")
+        handler.wfile.flush()
+        time.sleep(0.05)
+
+
 def _basic_401(handler: Handler) -> None:
     reply(handler, 401, b"{}", {"WWW-Authenticate": 'Basic realm="x"'})
 
@@ -104,6 +114,7 @@ CASES: list[tuple[str, Callable[[Handler], None], str, str]] = [
      "registry-response-too-large", "over the 4194304-byte limit"),
     ("endless", _endless, "registry-response-too-large", "exceeds the 4194304-byte limit"),
     ("slow-drip", _drip, "registry-unreachable", "slow or stalled"),
+    ("trickled-headers", _trickle_headers, "registry-unreachable", "slow or stalled"),
     ("stalled-headers", _stall, "registry-unreachable", "did not answer within"),
     ("redirect-loop", _redirect_loop, "registry-error", "redirects in a loop"),
     ("redirect-forever", _redirect_forever, "registry-error", "more than 5 redirects"),

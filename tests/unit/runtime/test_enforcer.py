@@ -217,3 +217,65 @@ def test_the_periodic_check_decides_only_what_has_no_decision(store: Store) -> N
         assert e.reconcile() == 0  # decided: a list and a set look-up, nothing more
     finally:
         e.close()
+
+
+# -- a slow registry delays nobody else --------------------------------------------------------------
+
+
+class BlockedVerifier:
+    """Answers only when released, like a registry that stalls until the deadline."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.release = threading.Event()
+        self.calls = 0
+
+    def verify(self, targets: Any, timeout: float) -> Any:
+        from agent.core.decision import VerificationOutcome
+
+        self.calls += 1
+        self.release.wait(10)
+        return VerificationOutcome(None, Code.REGISTRY_UNREACHABLE, "stalled registry")
+
+
+def test_a_pending_verification_does_not_delay_a_container_on_the_same_lane(store: Store) -> None:
+    from agent.core.anchors import TrustAnchor
+
+    signed = Digest.of(b"slow registry image")
+    engine = FakeEngine(
+        {
+            "c1": ContainerFacts(
+                "c1", "slow", "slow.example/app:1", IMAGE_ID,
+                ((ImageRef.parse(f"slow.example/app@{signed}"), signed),), "running",
+            ),
+            "c2": ContainerFacts("c2", "evil", "registry.example/evil:1", IMAGE_ID, (), "running"),
+        }
+    )  # fmt: skip
+    anchor = TrustAnchor("slow", "key", "unused", scope=("slow.example/**",))
+    verifier = BlockedVerifier()
+    e = Enforcer(
+        engine,
+        store,
+        EffectivePolicy(Enforcement(True, "enforce"), frozenset(), (anchor,)),
+        EnforcementConfig(stop_grace_seconds=0),
+        device="d",
+        verifier=verifier,
+        lanes=1,  # both containers share the one lane
+        cgroups=lambda cid: None,
+    )
+    try:
+        e.submit("c1", "start")
+        e.submit("c2", "start")
+        deadline = time.monotonic() + 5
+        while ("c2", 0) not in engine.removed and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.removed == [("c2", 0)], "c2 was decided while c1's registry stalled"
+        assert verifier.calls == 1 and e.reconcile() == 0  # c1 is neither forgotten nor verified twice
+        verifier.release.set()
+        deadline = time.monotonic() + 5
+        while ("c1", 0) not in engine.removed and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ("c1", 0) in engine.removed
+    finally:
+        e.close()
