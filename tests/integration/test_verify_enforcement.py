@@ -21,6 +21,7 @@ from agent.core.schemas import validate
 from tests.support.agentproc import AgentProcess, cli, wait_for
 from tests.support.dockerd import Dockerd
 from tests.support.fixtures.registry import RegistryServer, start_registry, stop_registry
+from tests.support.fixtures.stall import StallingFront
 from tests.support.signing import build_and_push, generate_keys, registry_entry, write_agent_config
 
 pytestmark = pytest.mark.integration
@@ -259,3 +260,59 @@ def test_verify_without_key_uses_the_device_anchors(
     # outside every anchor's scope: nothing can vouch for it
     outside = cli(config, "verify", f"{images.host}/elsewhere/app:1")
     assert outside.returncode == 2 and "no trust anchor" in outside.stderr
+
+
+def test_a_signed_image_verifies_while_four_registries_stall(
+    tmp_path: Path, engine: Dockerd, registry: RegistryServer, images: Images
+) -> None:
+    """Issue 13: four registries that trickle response headers hold no more than their own verification
+    slots, until their deadline closes the socket; an honest registry's signed image still verifies, and a
+    container needing no registry at all is decided at once."""
+    upstream = ("127.0.0.1", int(registry.host.rsplit(":", 1)[1]))
+    fronts = [StallingFront(upstream) for _ in range(4)]
+    try:
+        hostile: list[str] = []
+        for front in fronts:
+            for i in range(2):  # two images per registry: every slot of each one is taken
+                tag = f"{front.host}/hostile/app:{i}"
+                build_and_push(engine, tag, f"hostile-{tag}")
+                hostile.append(tag)
+            front.hostile = True
+        engine.build_image("local/unrelated:1", "unrelated-not-in-any-registry")
+        config = write_agent_config(
+            tmp_path / "config.toml",
+            {
+                "device": {"id": "stall-device"},
+                "engine": {"url": engine.url},
+                "state": {"dir": str(tmp_path / "state")},
+                "enforcement": {"stop_grace_seconds": 0, "verify_timeout_seconds": 10},
+            },
+            [registry_entry(registry), *({"host": f.host, "insecure": True} for f in fronts)],
+        )
+        scopes = [arg for f in fronts for arg in ("--scope", f"{f.host}/hostile/*")]
+        for name, extra in (("acme", ["--scope", f"{images.host}/acme/*"]), ("hostile", scopes)):
+            out = cli(config, "anchors", "add", name, "--key", str(images.pub), *extra)
+            assert out.returncode == 0, out.stderr
+        proc = AgentProcess(config, tmp_path / "agent.log").start()
+        try:
+            for i, tag in enumerate(hostile):
+                engine.docker("run", "-d", "--name", f"stalled-{i}", tag)
+            wait_for(lambda: sum(f.stalled for f in fronts) >= 8, 20, what="eight stalled verifications")
+            engine.docker("run", "-d", "--name", "honest", images.signed)
+            engine.docker("run", "-d", "--name", "unrelated", "local/unrelated:1")
+            gone(engine, "unrelated")
+            decided = {d["container"]["name"] for d in decisions(config)}
+            assert not {f"stalled-{i}" for i in range(8)} & decided, "decided before the stalls ended"
+            proc.wait_log("allowed container honest", timeout=15)
+            assert running(engine, "honest")
+            assert last_decision(config, "honest")["reason"] == "signature-verified"
+            for i in range(8):
+                gone(engine, f"stalled-{i}", timeout=30)
+                blocked = last_decision(config, f"stalled-{i}")
+                assert blocked["verdict"] == "blocked", blocked
+                assert blocked["reason"] in ("registry-unreachable", "verification-timeout"), blocked
+        finally:
+            assert proc.stop() == 0, proc.log()
+    finally:
+        for front in fronts:
+            front.close()
