@@ -29,6 +29,8 @@ from agent.errors import EngineError, StateError
 from agent.runtime.enforcer import Enforcer, Handled, Verifier
 from agent.runtime.instances import InstanceManager
 from agent.runtime.monitor import Monitor
+from agent.runtime.recorder import Recorder
+from agent.runtime.statewatch import StateWatch
 
 if TYPE_CHECKING:
     from agent.control.cloud import CloudConnection
@@ -49,7 +51,7 @@ class AgentLock:
         self.path = state_dir / LOCK_NAME
         self._fd: int | None = None
 
-    def acquire(self) -> None:
+    def acquire(self, store: Store | None = None) -> None:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -58,11 +60,26 @@ class AgentLock:
             raise StateError(
                 f"another ImageGuard agent is already running on {self.path.parent} ({read_lock(self.path)})"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(
-            fd, json.dumps({"pid": os.getpid(), "started": time.time(), "version": __version__}).encode()
-        )
         self._fd = fd
+        self.describe(store)
+
+    def describe(self, store: Store | None = None) -> None:
+        """Write who holds the lock, and which database file it has open (the CLI checks it edits that one)."""
+        if self._fd is None:
+            return
+        info: dict[str, Any] = {"pid": os.getpid(), "started": time.time(), "version": __version__}
+        if store is not None:
+            info.update(db_id=store.db_id, inode=store.inode)
+        try:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, json.dumps(info).encode(), 0)
+        except OSError as exc:  # a full disk: the lock holds all the same
+            log.warning("cannot write %s: %s", self.path, exc.strerror)
+
+    def reacquire(self, store: Store) -> None:
+        """After the state directory was deleted under us: a new lock file at the same path."""
+        self.release()
+        self.acquire(store)
 
     def release(self) -> None:
         if self._fd is not None:
@@ -186,7 +203,16 @@ class Agent:
         self._stopping = threading.Event()
         self._reload_lock = threading.Lock()
         self.lock = AgentLock(config.state_dir)
-        self.store = Store(config.state_dir, outbox_limit=config.mqtt.outbox_limit if config.mqtt else 10_000)
+        # short lock waits (a CLI edit holds the lock for milliseconds), and read-only on a full disk: the
+        # agent enforces from its last good state; its writes go through the recorder, which never blocks
+        self.store = Store(
+            config.state_dir,
+            outbox_limit=config.mqtt.outbox_limit if config.mqtt else 10_000,
+            busy_timeout=2.0,
+            read_only_fallback=True,
+        )
+        self.recorder = Recorder(self.store)
+        self.statewatch = StateWatch(self.store, on_restored=self._state_restored, count=self.recorder.count)
         self.service = Service(config, self.store, telemetry=config.mqtt is not None, on_change=self.reload)
         self.engine = Engine(config.engine.url, config.engine.timeout_seconds)
         self.enforcer: Enforcer | None = None
@@ -238,7 +264,9 @@ class Agent:
         return cloud
 
     def start(self) -> None:
-        self.lock.acquire()
+        self.lock.acquire(self.store)
+        if self.store.problem is not None:
+            log.error("%s", self.store.problem)
         if self.config.mqtt is not None:
             try:  # bad TLS files or credentials fail here, before anything runs
                 self.cloud = self._make_cloud()
@@ -254,7 +282,9 @@ class Agent:
             device=self.config.device.id,
             verifier=self._verifier,
             telemetry=self.config.mqtt is not None,
+            recorder=self.recorder,
         )
+        self.statewatch.start()
         if self.config.preventive.enabled:
             # served whatever the mode (dockerd refuses every request while its plugin is unreachable);
             # it judges starts only while the live policy says enforce
@@ -266,6 +296,7 @@ class Agent:
                 self.authz.start()
             except Exception:
                 self.enforcer.close()
+                self.statewatch.stop()
                 self.lock.release()
                 raise
         self.scanner = Scanner(self.enforcer, self.config.enforcement.reconcile_seconds)
@@ -315,6 +346,22 @@ class Agent:
                 "the allowlist is empty and no trust anchor is configured: every container will be blocked"
             )
 
+    def _state_restored(self) -> None:
+        """The state directory's files were put back: so are the lock and the wake-up socket in it."""
+        self.lock.reacquire(self.store)
+        if isinstance(self.listener, Listener):
+            self.listener.close()
+            try:
+                self.listener = Listener(self.config.state_dir, self._on_notify)
+                self.listener.start()
+            except OSError as exc:
+                log.error("cannot serve the wake-up socket again (%s); watching the database", exc)
+                self.listener = DatabaseWatch(
+                    [self.store.path, self.store.path.with_name(self.store.path.name + "-wal")], self.reload
+                )
+                self.listener.start()
+        self.reload()
+
     def _on_event(self, event: ContainerEvent) -> None:
         assert self.enforcer is not None
         self.enforcer.submit(event.container_id, "start", event)
@@ -361,6 +408,7 @@ class Agent:
             self.enforcer.set_policy(new)
         if new.versions != old.versions:
             log.info("policy reloaded: versions %s", dict(new.versions))
+            self.statewatch.want_backup()
         if (reason := rescan_reason(old, new)) is not None and self.scanner is not None:
             self.scanner.request(reason)
         if self.instances is not None:
@@ -377,6 +425,8 @@ class Agent:
             self.listener.close()
         if self.enforcer is not None:
             self.enforcer.close()
+        self.recorder.close()
+        self.statewatch.stop()
         if (close_verifier := getattr(self._verifier, "close", None)) is not None:
             close_verifier()
         if self.authz is not None:  # last: the parts above still talk to dockerd, which asks the plugin
@@ -406,7 +456,19 @@ class Agent:
 
 def policy_service(config: Config) -> Service:
     """The policy service a CLI command edits through; it wakes the running agent after a change."""
-    store = Store(config.state_dir, outbox_limit=config.mqtt.outbox_limit if config.mqtt else 10_000)
+    store = Store(
+        config.state_dir,
+        outbox_limit=config.mqtt.outbox_limit if config.mqtt else 10_000,
+        read_only_fallback=True,  # a full disk: reading commands work, edits say why they cannot
+    )
+    held = read_lock(config.state_dir / LOCK_NAME)
+    if held and "db_id" in held and (held.get("db_id"), held.get("inode")) != (store.db_id, store.inode):
+        store.close()
+        raise StateError(
+            f"the running agent (pid {held.get('pid')}) has another state database open than {store.path}: "
+            "this one was deleted or replaced under it. The agent puts its own back within seconds; run the "
+            "command again then (a change made here would not reach the agent)"
+        )
     return Service(
         config, store, telemetry=config.mqtt is not None, on_change=lambda: notify_agent(config.state_dir)
     )

@@ -102,9 +102,13 @@ class Listener:
 
     def close(self) -> None:
         self._closed = True
-        # recv() does not return on close(): send ourselves a last datagram
-        with contextlib.suppress(OSError):
+        # recv() does not return on close(): send ourselves a last datagram, or (the socket file is gone
+        # with its directory) shut the socket down, which ends the recv too
+        try:
             self._sock.sendto(b"close", self._path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
         self._thread.join(timeout=2)
         self._sock.close()
         with contextlib.suppress(OSError):

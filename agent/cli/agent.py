@@ -255,6 +255,10 @@ def cmd_policy_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{kind} {n}" for kind, n in sorted(counts.items()))
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from agent.adapters.engine import Engine
     from agent.app import LOCK_NAME, read_lock
@@ -288,17 +292,25 @@ def cmd_status(args: argparse.Namespace) -> int:
         eng = f"reachable (Docker {e.get('version')})" if e["reachable"] else f"UNREACHABLE: {e.get('error')}"
         p = status["policy"]
         enf = status["enforcement"]
+        layers = ", ".join(f"{k}={v}" for k, v in sorted(p["layers"].items())) or "none"
+        st = status["storage"]
+        storage = "ok" if st["state"] == "ok" else f"{st['state'].upper()}: {st['problem']}"
+        if lost := st["records_lost"]:
+            storage += f"; records lost: {_counts(lost)}"
+        if poison := st["poison_rows"]:
+            storage += f"; undecodable rows set aside: {_counts(poison)} (table poison_rows)"
         return "\n".join(
             [
                 f"device:       {status['device']}  (config {status['config']})",
                 f"agent:        {running}",
                 f"engine:       {cfg.engine.url} {eng}",
                 f"enforcement:  {'enabled' if enf['enabled'] else 'DISABLED'}, mode {enf['mode']}",
-                f"policy:       version {p['version']}, layers {p['layers'] or '{}'}, {p['allowlist']} digests, "
+                f"policy:       version {p['version']}, layers {layers}, {p['allowlist']} digests, "
                 f"anchors {', '.join(p['trust_anchors']) or 'none'}",
                 f"verified:     {status['verified_digests']} digests",
                 f"decisions:    {status['decisions']} recorded",
                 f"outbox:       {status['outbox']['queued']} queued",
+                f"storage:      {storage}",
             ]
         )
 

@@ -20,7 +20,7 @@ from agent.errors import ImageGuardError
 
 def build_parser() -> argparse.ArgumentParser:
     # the command modules load only when the parser is built: importing agent.cli stays cheap
-    from agent.cli import agent, console, doctor, instances, verify
+    from agent.cli import agent, console, doctor, instances, state, verify
 
     parser = argparse.ArgumentParser(
         prog="imageguard",
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"configuration file (default {config_mod.DEFAULT_CONFIG_PATH} if present)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (agent, verify, console, doctor, instances):
+    for module in (agent, verify, console, doctor, instances, state):
         module.register(sub)
     return parser
 

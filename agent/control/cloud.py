@@ -131,6 +131,9 @@ class CloudConnection:
                 "enforcement": policy.enforcement.mode if policy.enforcement.enabled else "disabled",
                 "outbox_queued": str(self.service.store.outbox_size()),
                 "outbox_dropped": str(dropped),
+                # records enforcement made but could not store (agent/runtime/recorder.py)
+                "records_lost": str(sum(v for k, v in counters.items() if k.startswith("records_lost."))),
+                "state_storage": "read-only" if self.service.store.read_only else "ok",
                 # enforcement that had to be retried (agent/runtime/enforcer.py): never silent
                 "enforcement_retries": str(counters.get("retries", 0)),
                 "enforcement_failures": str(

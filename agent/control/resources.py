@@ -248,7 +248,18 @@ def put_enforcement(ctx: ControlContext, req: Request) -> Response:
 
 def status_document(ctx: ControlContext) -> dict[str, Any]:
     """``imageguard status --json`` without paths or secrets, plus the connection status."""
-    return {**ctx.service.summary(), "mqtt": ctx.connection_status()}
+    doc = {**ctx.service.summary(), "mqtt": ctx.connection_status()}
+    if (enforcer := ctx.running.enforcer) is not None:
+        # what the running agent holds in memory and could not store yet
+        live = enforcer.recorder.stats()
+        storage = doc["storage"]
+        storage["backlog"], storage["backlog_limit"] = live["backlog"], live["backlog_limit"]
+        storage["write_failures"] = live["write_failures"]
+        if live["problem"] is not None:
+            storage["state"], storage["problem"] = "failing", live["problem"]
+        for kind, n in live["lost"].items():
+            storage["records_lost"][kind] = max(storage["records_lost"].get(kind, 0), n)
+    return doc
 
 
 def get_status(ctx: ControlContext, req: Request) -> Response:

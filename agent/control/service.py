@@ -123,6 +123,18 @@ class Service:
             "verified_digests": sum(len(v) for v in store.verified().values()),
             "decisions": store.decision_count(),
             "outbox": {"queued": store.outbox_size(), "limit": store.outbox_limit, "dropped": dropped},
+            "storage": {
+                "state": "read-only" if store.read_only else "ok",
+                "problem": store.problem,
+                # records enforcement made but could not keep (agent/runtime/recorder.py)
+                "records_lost": {
+                    k.removeprefix("records_lost."): v
+                    for k, v in counters.items()
+                    if k.startswith("records_lost.")
+                },
+                # undecodable rows set aside in the poison_rows table (agent/adapters/store.py)
+                "poison_rows": store.poison_rows(),
+            },
             "counters": counters,
         }
 
@@ -152,13 +164,13 @@ class Service:
         try:
             check_anchors(layer)
             with self.store.transaction() as tx:
-                current = Store.read_layer(tx, layer.name)
+                current = self.store.read_layer(tx, layer.name)
                 if not force and not current.check_successor(layer, max_step=step):
                     self._ack(tx, layer, "unchanged", current.version, source, now)
                     result = ApplyResult(layer.name, layer.version, "unchanged")
                 else:
                     Store.write_layer(tx, layer, now)
-                    layers = {lyr.name: lyr for lyr in Store.read_layers(tx)}
+                    layers = {lyr.name: lyr for lyr in self.store.read_layers(tx)}
                     groups = {f"group:{g}" for g in self.config.device.groups}
                     eff = EffectivePolicy.compose(
                         [lyr for n, lyr in layers.items() if n == DEVICE_LAYER or n in groups],

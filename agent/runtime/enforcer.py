@@ -38,6 +38,7 @@ from agent.core.facts import ContainerEvent, ContainerFacts, facts_from_event
 from agent.core.policy import EffectivePolicy
 from agent.core.records import DecisionRecord, decision_record, decision_telemetry
 from agent.errors import Code, EngineError, ImageGuardError
+from agent.runtime.recorder import Recorder
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +144,13 @@ class Enforcer:
         lanes: int = 8,
         clock: Callable[[], float] = time.time,
         cgroups: Callable[[str], ContainerCgroup | None] = ContainerCgroup.find,
+        recorder: Recorder | None = None,
     ) -> None:
         self.engine = engine
         self.store = store
+        #: every write goes through it: enforcement never waits on the database
+        self.recorder = recorder if recorder is not None else Recorder(store)
+        self._owns_recorder = recorder is None
         self.settings = settings
         self.device = device
         self.verifier = verifier
@@ -249,10 +254,7 @@ class Enforcer:
         """Counted in memory at once (status, telemetry) and in the store when it answers."""
         with self._lock:
             self.counters[name] = self.counters.get(name, 0) + 1
-        try:
-            self.store.bump(name)
-        except Exception:  # storage trouble never stops enforcement
-            log.debug("could not count %s in the store", name, exc_info=True)
+        self.recorder.count(name)
 
     def _authorized_now(self, container_id: str) -> bool:
         with self._lock:
@@ -304,6 +306,8 @@ class Enforcer:
         self._verifications.shutdown(wait=False, cancel_futures=True)
         self._lanes.close()
         self._removals.shutdown(wait=True)
+        if self._owns_recorder:
+            self.recorder.close()
 
     # -- one container -----------------------------------------------------------------------------
 
@@ -659,11 +663,7 @@ class Enforcer:
         )
 
     def _save(self, record: DecisionRecord) -> None:
-        try:
-            self.store.record_decision(record, decision_telemetry(record) if self.telemetry else ())
-        except Exception:
-            # the record is lost, the enforcement is not: acting is what protects the device
-            log.exception("could not store decision %s", record.id)
+        self.recorder.decision(record, decision_telemetry(record) if self.telemetry else ())
 
     def _act(self, facts: ContainerFacts, decision: Decision, action: str, grace: int, *, wait: bool) -> None:
         name = facts.name or facts.short_id
@@ -768,10 +768,7 @@ class Enforcer:
         return outcome
 
     def _remember(self, v: VerifiedDigest) -> None:
-        try:
-            self.store.add_verified(v)
-        except Exception:
-            log.exception("could not persist verified digest %s", v.digest)
+        self.recorder.verified(v)
         with self._lock:
             others = tuple(r for r in self._verified.get(v.digest, ()) if r.anchor != v.anchor)
             self._verified = {**self._verified, v.digest: (*others, v)}

@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 
 DROPPED = "outbox_dropped."
 REPORTED = "outbox_drops_reported."
+#: records enforcement could not store at all (agent/runtime/recorder.py)
+LOST = "records_lost."
 DROPS_TOPIC = "drops"
 _MAX_METRIC_TEXT = 1024
 
@@ -302,6 +304,9 @@ class OutboxDrainer:
             "total": {k.removeprefix(DROPPED): v for k, v in counters.items() if k.startswith(DROPPED)},
             "policy_version": self.policy_version(),
         }
+        lost = {k.removeprefix(LOST): v for k, v in counters.items() if k.startswith(LOST)}
+        if lost:
+            message["records_lost"] = lost
         topic = f"{self.topics.account}/{self.topics.device_id}/{self.topics.app_id}/{DROPS_TOPIC}"
         try:
             handle = self.connection.publish(topic, self.codec.encode(telemetry_message(message)), qos=1)

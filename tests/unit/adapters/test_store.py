@@ -151,7 +151,7 @@ def _refused(state_dir: Path, content: bytes, match: str) -> None:
     ids=["text", "bad-header", "random"],
 )
 def test_corrupt_file_is_refused_and_untouched(state_dir: Path, content: bytes) -> None:
-    _refused(state_dir, content, "unreadable or corrupt.*move it aside")
+    _refused(state_dir, content, "is unreadable.*do not delete it.*no backup")
 
 
 def _imageguard_db(state_dir: Path) -> bytes:
@@ -166,12 +166,12 @@ def test_damaged_page_is_refused_and_untouched(state_dir: Path) -> None:
     good = bytearray(_imageguard_db(state_dir))
     assert len(good) > 3 * 4096
     good[4096:8192] = b"\xff" * 4096
-    _refused(state_dir, bytes(good), "unreadable or corrupt")
+    _refused(state_dir, bytes(good), "is unreadable")
 
 
 def test_truncated_file_is_refused_and_untouched(state_dir: Path) -> None:
     good = _imageguard_db(state_dir)
-    _refused(state_dir, good[: len(good) // 2], "unreadable or corrupt")
+    _refused(state_dir, good[: len(good) // 2], "is unreadable")
 
 
 def test_newer_schema_is_refused_and_untouched(state_dir: Path) -> None:
@@ -195,10 +195,21 @@ def test_foreign_sqlite_file_is_refused_and_untouched(tmp_path: Path, state_dir:
     assert sorted(p.name for p in state_dir.iterdir()) == [DB_NAME]  # no -wal/-shm left behind
 
 
-def test_empty_file_becomes_a_new_database(state_dir: Path) -> None:
-    state_dir.mkdir(mode=0o700)
-    (state_dir / DB_NAME).write_bytes(b"")
-    Store(state_dir).close()
+def test_an_empty_file_is_refused_never_taken_for_a_fresh_install(state_dir: Path) -> None:
+    _refused(state_dir, b"", r"is empty \(0 bytes\).*empty policy.*no backup")
+
+
+def test_no_database_at_all_is_a_fresh_install(state_dir: Path) -> None:
+    s = Store(state_dir)
+    try:
+        assert s.fresh and s.db_id
+    finally:
+        s.close()
+    s = Store(state_dir)
+    try:
+        assert not s.fresh
+    finally:
+        s.close()
 
 
 # -- transactions ------------------------------------------------------------------------------------
@@ -336,14 +347,14 @@ def test_layers(store: Store) -> None:
     with store.transaction() as tx:
         Store.write_layer(tx, device, NOW)
         Store.write_layer(tx, group, NOW)
-        assert Store.read_layer(tx, "device") == device
+        assert store.read_layer(tx, "device") == device
     assert store.layer() == device
     assert store.layer("group:g") == group
     assert store.layer("group:none") == PolicyLayer(name="group:none")
     assert {lyr.name for lyr in store.layers()} == {"device", "group:g"}
     with store.transaction() as tx:
         Store.write_layer(tx, device.bumped(), NOW)
-        assert {lyr.name: lyr.version for lyr in Store.read_layers(tx)} == {"device": 3, "group:g": 5}
+        assert {lyr.name: lyr.version for lyr in store.read_layers(tx)} == {"device": 3, "group:g": 5}
 
 
 def test_verified_digests_and_revocation(store: Store) -> None:
