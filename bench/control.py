@@ -8,7 +8,10 @@ dockerd, and a mosquitto on a free 127.0.0.1 port).
 * drain rate: with the broker stopped, ``--messages`` alerts are queued in the agent's outbox; the broker
   is started and a subscriber counts them; rate over the time from the agent's reconnect to the last
   message, and from the broker's start (goal >= 2,000/s);
-* idle RSS of the agent with the connection up, after the drain (goal <= 45 MB).
+* idle RSS of the agent with the connection up, after the drain (goal <= 45 MB);
+* end-to-end delivery: the broker runs with the queue limits of deploy/mosquitto/mosquitto.conf, and its
+  ``$SYS/broker/publish/messages/dropped`` counter is read before and after; any message dropped at the
+  broker, or any alert that did not arrive, fails the benchmark (exit 1).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from agent.adapters.mqtt.kurapayload import KuraMessage, MetricValue, decode_pro
 from agent.adapters.store import Store
 from agent.core.records import PRIORITY_ALERT, OutboxMessage
 from tests.support.agentproc import AgentProcess, write_config
-from tests.support.fixtures.mosquitto import HOST, MosquittoBroker, free_port
+from tests.support.fixtures.mosquitto import HOST, MosquittoBroker, free_port, shipped_queue_settings
 
 assert REPO.is_dir()
 
@@ -80,16 +83,51 @@ class Console:
         self.c.loop_stop()
 
 
+class SysCounter:
+    """The broker's own count of messages it dropped (``$SYS``, published every second here)."""
+
+    TOPIC = "$SYS/broker/publish/messages/dropped"
+
+    def __init__(self, port: int) -> None:
+        self.value: int | None = None
+        self.updates = 0
+        self.c = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-sys")
+        self.c.on_message = self._on_message
+        self.c.connect(HOST, port)
+        self.c.loop_start()
+        self.c.subscribe(self.TOPIC, 0)
+
+    def _on_message(self, _c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
+        self.value = int(msg.payload)
+        self.updates += 1
+
+    def read(self, timeout: float = 5.0) -> int:
+        """The value of the next update (a fresh one, not the retained value from before)."""
+        seen = self.updates
+        deadline = time.monotonic() + timeout
+        while self.updates <= seen and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.value is None:
+            raise RuntimeError(f"the broker published nothing on {self.TOPIC}")
+        return self.value
+
+    def close(self) -> None:
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
 class Counter:
     """A persistent-session subscriber: it exists before the outage, so the broker keeps its subscription
     and nothing the agent publishes right after the restart is missed."""
 
-    def __init__(self, port: int, topic: str) -> None:
+    def __init__(self, port: int, topic: str, client_id: str = "bench-counter", delay: float = 0.0) -> None:
+        #: seconds spent on each message: a consumer slower than the device's drain
+        self.delay = delay
         self.count = 0
         self.first = 0.0
         self.last = 0.0
         self.ids: set[str] = set()
-        self.c = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-counter", clean_session=False)
+        self.c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
         self.c.on_message = self._on_message
         self.subscribed = threading.Event()
         self.c.on_subscribe = lambda *_a: self.subscribed.set()
@@ -106,6 +144,8 @@ class Counter:
         self.count += 1
         self.ids.add(json.loads(decode_protobuf(msg.payload).body or b"{}")["id"])
         self.last = time.perf_counter()
+        if self.delay:
+            time.sleep(self.delay)
 
     def close(self) -> None:
         self.c.disconnect()
@@ -119,7 +159,9 @@ def main() -> int:
     args = ap.parse_args()
     with private_engine() as engine, tempfile.TemporaryDirectory(prefix="ig-bench-control-") as tmp_name:
         tmp = Path(tmp_name)
-        broker = MosquittoBroker(workdir=tmp / "broker", port=free_port())
+        broker = MosquittoBroker(
+            workdir=tmp / "broker", port=free_port(), extra=[*shipped_queue_settings(), "sys_interval 1"]
+        )
         broker.start()
         config = write_config(
             tmp / "config.toml",
@@ -151,6 +193,11 @@ def main() -> int:
 
             # drain: the broker goes away, the outbox fills, the broker comes back
             counter = Counter(broker.port, f"{ACCOUNT}/{DEVICE}/{APP}/alerts")
+            # a second consumer that reads slower than the agent drains: what it has not read yet waits at
+            # the broker, which must keep all of it (the shipped queue limits)
+            slow = Counter(
+                broker.port, f"{ACCOUNT}/{DEVICE}/{APP}/alerts", client_id="bench-slow", delay=0.0005
+            )
             broker.stop()
             agent.wait_log("mqtt: connection lost")
             assert agent.stop() == 0
@@ -178,11 +225,18 @@ def main() -> int:
             agent.start()
             broker.start()
             broker_up = time.perf_counter()
+            sys_counter = SysCounter(broker.port)
             agent.wait_log("mqtt: connected", count=1)
-            deadline = time.monotonic() + 120
+            deadline = time.monotonic() + 180
             while len(counter.ids) < args.messages and time.monotonic() < deadline:
                 time.sleep(0.01)
             received, unique, first, last = counter.count, len(counter.ids), counter.first, counter.last
+            while len(slow.ids) < args.messages and time.monotonic() < deadline:
+                time.sleep(0.01)
+            slow_unique = len(slow.ids)
+            slow.close()
+            dropped_at_broker = sys_counter.read()
+            sys_counter.close()
             time.sleep(3)
             idle_rss_kb = int(proc_status(agent.proc.pid)["VmRSS"].split()[0])  # type: ignore[union-attr]
             counter.close()
@@ -211,7 +265,13 @@ def main() -> int:
         f"  idle RSS with the connection up: {rss:.1f} MB (goal <= {GOAL_RSS_MB:.0f} MB: "
         f"{'met' if rss <= GOAL_RSS_MB else 'NOT met'})"
     )
-    return 0
+    lost = (args.messages - unique) + (args.messages - slow_unique)
+    print(
+        f"  delivery: broker dropped {dropped_at_broker} messages ($SYS/broker/publish/messages/dropped); "
+        f"missing: {args.messages - unique} at the fast consumer, {args.messages - slow_unique} at the slow one "
+        f"(floor 0: {'met' if not lost and not dropped_at_broker else 'LOSS'})"
+    )
+    return 1 if lost or dropped_at_broker else 0
 
 
 if __name__ == "__main__":

@@ -145,9 +145,11 @@ class Store:
 
     def _open_reader(self) -> sqlite3.Connection:
         if self._db is not None:
-            return sqlite3.connect(
+            reader = sqlite3.connect(
                 f"file:{self.path}?mode=ro", uri=True, timeout=self.busy_timeout, check_same_thread=False
             )
+            reader.execute("PRAGMA cache_size = -512")  # KiB: reads are few; the writer keeps the big cache
+            return reader
         # read-only and no room for the -shm file: ``immutable`` reads the main file alone, which holds
         # everything once the last writer closed cleanly (an unfinished WAL is refused instead)
         wal = Path(str(self.path) + "-wal")

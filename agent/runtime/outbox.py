@@ -202,7 +202,12 @@ class OutboxDrainer:
             if report is not None and report.done():
                 self._report, self._report_delta = None, {}
         if acked:
-            self.store.outbox_ack(acked)
+            try:
+                self.store.outbox_ack(acked)
+            except Exception:  # storage trouble: the rows stay acknowledged here and are deleted later
+                with self._lock:
+                    self._acked[:0] = acked
+                raise
         if report is not None and report.done():
             if report.acked:
                 for kind, n in delta.items():
