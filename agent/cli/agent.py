@@ -8,7 +8,15 @@ import time
 from typing import Any
 
 from agent import logs
-from agent.cli.common import EXIT_NEGATIVE, EXIT_OK, emit, json_flag, load_config, read_json_file
+from agent.cli.common import (
+    EXIT_NEGATIVE,
+    EXIT_OK,
+    emit,
+    json_flag,
+    load_config,
+    read_json_file,
+    warn_issuer_only,
+)
 from agent.config import Config
 from agent.control.service import ApplyResult, Service
 from agent.core.digest import Digest
@@ -208,11 +216,28 @@ def cmd_enforcement(args: argparse.Namespace) -> int:
 
 def cmd_policy_import(args: argparse.Namespace) -> int:
     doc = read_json_file(args.file, "policy file")
+    _warn_about(doc)
     if args.dry_run:
         return _show_preview(args, doc, "device")
     result = _service(load_config(args)).import_policy(doc, source="cli", force=args.force)
     emit(args, result.to_dict(), _applied_text(result))
     return EXIT_OK
+
+
+def _warn_about(doc: Any) -> None:
+    """Warnings about a policy document that is valid but may not mean what its author thinks."""
+    if not isinstance(doc, dict):
+        return  # the import itself reports what is wrong
+    from agent.core.anchors import TrustAnchor
+    from agent.errors import ImageGuardError
+
+    anchors = []
+    for i, a in enumerate(doc.get("trust_anchors") or ()):
+        try:
+            anchors.append(TrustAnchor.from_dict(a, f"trust anchor {i}"))
+        except (ImageGuardError, KeyError, TypeError):
+            continue
+    warn_issuer_only(anchors)
 
 
 def cmd_policy_diff(args: argparse.Namespace) -> int:

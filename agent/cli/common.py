@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from agent import config as config_mod
+from agent.core.anchors import TrustAnchor
 from agent.errors import InputError
 
 EXIT_OK, EXIT_NEGATIVE, EXIT_ERROR = 0, 1, 2
@@ -46,3 +47,15 @@ def read_json_file(path: str, what: str) -> Any:
 
 def json_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def warn_issuer_only(anchors: Iterable[TrustAnchor]) -> None:
+    """Say so when an identity names only an issuer: it matches everyone that issuer certifies."""
+    for anchor in anchors:
+        for ident in anchor.issuer_only_identities:
+            print(
+                f"imageguard: warning: trust anchor {anchor.name!r}: identity {ident.to_dict()} names an issuer "
+                "but no subject, so it accepts every certificate that issuer grants (any account of an "
+                "OIDC provider); add --certificate-identity[-regexp] to say who may sign",
+                file=sys.stderr,
+            )

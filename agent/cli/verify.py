@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.cli.common import EXIT_NEGATIVE, EXIT_OK, emit, json_flag, load_config
+from agent.cli.common import EXIT_NEGATIVE, EXIT_OK, emit, json_flag, load_config, warn_issuer_only
 from agent.config import Config, RegistryConfig
 from agent.control.service import Service
 from agent.core.anchors import Identity, TrustAnchor
@@ -38,6 +38,11 @@ def register(sub: Any) -> None:
     p.add_argument("--require-tlog", action="store_true", help="reject signatures without a valid tlog entry")
     p.add_argument(
         "--strict-identity", action="store_true", help="the signed reference must name this repository"
+    )
+    p.add_argument(
+        "--any-identity",
+        action="store_true",
+        help="with --ca and no --certificate-identity: accept any certificate the root issues",
     )
     _registry_flags(p)
     json_flag(p)
@@ -84,7 +89,8 @@ def register(sub: Any) -> None:
         action="append",
         default=[],
         metavar="PATTERN",
-        help="e.g. registry:5000/acme/* (default *)",
+        help="images it vouches for: HOST[:PORT]/PATH, '*' within a path segment, '**' across "
+        "(e.g. registry:5000/acme/**); '**' for every image (the default)",
     )
     q.add_argument("--certificate-identity", metavar="X")
     q.add_argument("--certificate-identity-regexp", metavar="RE")
@@ -93,6 +99,12 @@ def register(sub: Any) -> None:
     q.add_argument("--rekor-key", metavar="FILE")
     q.add_argument("--require-tlog", action="store_true")
     q.add_argument("--strict-identity", action="store_true")
+    q.add_argument(
+        "--any-identity",
+        action="store_true",
+        help="with --ca: accept any certificate the root issues (otherwise --certificate-identity[-regexp] "
+        "or --certificate-oidc-issuer[-regexp] is required)",
+    )
     json_flag(q)
     q.set_defaults(handler=cmd_anchors_add)
     q = asub.add_parser("remove", help="remove a trust anchor; digests it verified are revoked and rescanned")
@@ -154,6 +166,8 @@ def _anchor_from_flags(
         doc["rekor_public_key"] = _read(args.rekor_key, "Rekor key file")
     doc["require_tlog"] = args.require_tlog
     doc["strict_identity"] = args.strict_identity
+    if getattr(args, "any_identity", False):
+        doc["any_identity"] = True
     doc["scope"] = list(scope)
     from agent.core.schemas import validate
     from agent.verify.schemes import validator_for
@@ -304,7 +318,8 @@ def cmd_anchors_list(args: argparse.Namespace) -> int:
 def cmd_anchors_add(args: argparse.Namespace) -> int:
     if _identities(args) and not args.ca:
         raise InputError("--certificate-identity/--certificate-oidc-issuer[-regexp] apply to --ca only")
-    anchor = _anchor_from_flags(args, args.name, args.key, tuple(args.scope) or ("*",))
+    anchor = _anchor_from_flags(args, args.name, args.key, tuple(args.scope) or ("**",))
+    warn_issuer_only([anchor])
     result = _service(args).put_anchor(anchor)
     emit(
         args,

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from agent.core.imageref import ImageRef, scope_matches
+from agent.core.imageref import ImageRef, scope_matches, scope_problem
 from agent.errors import PolicyError
 
 
@@ -40,6 +40,8 @@ class TrustAnchor:
     rekor_public_key: str | None = None
     require_tlog: bool = False
     strict_identity: bool = False
+    #: a CA anchor without identities accepts any certificate under its root only when this says so
+    any_identity: bool = False
 
     def covers(self, ref: ImageRef) -> bool:
         return any(scope_matches(p, ref) for p in self.scope)
@@ -61,7 +63,14 @@ class TrustAnchor:
             out["rekor_public_key"] = self.rekor_public_key
         out["require_tlog"] = self.require_tlog
         out["strict_identity"] = self.strict_identity
+        if self.any_identity:  # only when set: anchors stored before it existed keep their fingerprint
+            out["any_identity"] = True
         return out
+
+    @property
+    def issuer_only_identities(self) -> tuple[Identity, ...]:
+        """Identities that name an issuer but no subject: anyone that issuer certifies matches them."""
+        return tuple(i for i in self.identities if i.subject is None and i.subject_regexp is None)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str) -> TrustAnchor:
@@ -79,6 +88,23 @@ class TrustAnchor:
         if d["kind"] == "key" and d.get("identities"):
             # a key vouches for whoever holds it; certificate identities would silently constrain nothing
             raise PolicyError(f"{where}: identities only apply to kind 'ca'")
+        if d["kind"] == "key" and d.get("any_identity"):
+            raise PolicyError(f"{where}: any_identity only applies to kind 'ca'")
+        if d["kind"] == "ca" and not d.get("identities") and not d.get("any_identity"):
+            raise PolicyError(
+                f"{where}: a CA anchor needs at least one identity (subject and issuer the certificates "
+                "must carry); to accept every certificate its root issues, say any_identity = true"
+            )
+        if d["kind"] == "ca" and d.get("identities") and d.get("any_identity"):
+            raise PolicyError(f"{where}: any_identity and identities contradict each other; keep one")
+        if "scope" in d and not d["scope"]:
+            raise PolicyError(
+                f"{where}: an empty scope covers no image; list the images it vouches for "
+                "(e.g. registry.example/acme/**), or '**' for every image"
+            )
+        for pattern in d.get("scope") or ():
+            if (problem := scope_problem(pattern)) is not None:
+                raise PolicyError(f"{where}: scope {problem}")
         return cls(
             name=d["name"],
             kind=d["kind"],
@@ -90,4 +116,5 @@ class TrustAnchor:
             rekor_public_key=d.get("rekor_public_key"),
             require_tlog=bool(d.get("require_tlog", False)),
             strict_identity=bool(d.get("strict_identity", False)),
+            any_identity=bool(d.get("any_identity", False)),
         )

@@ -79,21 +79,75 @@ class ImageRef:
         return out
 
 
-def scope_matches(pattern: str, ref: ImageRef) -> bool:
-    """Does a trust-anchor scope pattern cover this image?
+EVERY_IMAGE = ("*", "**")
+_WILD = set("*?[")
 
-    Patterns are globs over ``registry/repository`` (``*`` also crosses ``/``), normalised like references
-    so that ``busybox`` and ``docker.io/library/busybox`` mean the same thing. ``*`` alone covers every image.
-    """
-    pattern = pattern.strip()
-    if pattern in ("*", "**"):
-        return True
-    if "*" not in pattern and "?" not in pattern:
+
+def scope_problem(pattern: str) -> str | None:
+    """Why ``pattern`` is not a usable scope pattern, or None. See :func:`scope_matches`."""
+    p = pattern.strip()
+    if p in EVERY_IMAGE:
+        return None
+    if not p:
+        return "an empty pattern"
+    host, segments = _split_pattern(p)
+    if host is None:
+        return (
+            f"{pattern!r}: the registry host must be spelled out, without wildcards "
+            "(one pattern per registry; '**' alone for every image)"
+        )
+    if not segments or any(not s for s in segments):
+        return f"{pattern!r}: an empty path segment"
+    if not any(_WILD & set(s) for s in segments):
         try:
-            return ImageRef.parse(pattern).name == ref.name
-        except ImageRefError:
-            return False
-    candidates = [pattern, f"{DEFAULT_REGISTRY}/{pattern}"]
-    if "/" not in pattern:  # a one-component pattern names official images, like ``busybox`` does
-        candidates.append(f"{DEFAULT_REGISTRY}/library/{pattern}")
-    return any(fnmatch.fnmatchcase(ref.name, c) for c in candidates)
+            ImageRef.parse(p)
+        except ImageRefError as exc:
+            return str(exc)
+    return None
+
+
+def _split_pattern(pattern: str) -> tuple[str | None, list[str]]:
+    """(registry host, repository segments) of a pattern, normalised like references; host None if the host
+    part has wildcards."""
+    first, sep, rest = pattern.partition("/")
+    if sep and ("." in first or ":" in first or first == "localhost" or _WILD & set(first)):
+        if _WILD & set(first):
+            return None, []
+        host, path = first, rest
+    else:
+        host, path = DEFAULT_REGISTRY, pattern
+    if host in ("index.docker.io", "registry-1.docker.io"):
+        host = DEFAULT_REGISTRY
+    if host == DEFAULT_REGISTRY and "/" not in path and path != "**":
+        path = "library/" + path  # a one-component pattern names official images, like ``busybox`` does
+    return host, path.split("/")
+
+
+def _match_segments(pattern: list[str], name: list[str]) -> bool:
+    if not pattern:
+        return not name
+    head, rest = pattern[0], pattern[1:]
+    if head == "**":  # zero or more whole segments
+        return any(_match_segments(rest, name[i:]) for i in range(len(name) + 1))
+    return bool(name) and fnmatch.fnmatchcase(name[0], head) and _match_segments(rest, name[1:])
+
+
+def scope_matches(pattern: str, ref: ImageRef) -> bool:
+    """Does a scope pattern cover this image?
+
+    A pattern is ``host[:port]/path``. The host is compared exactly (no wildcards: ``*.example.com/*`` is
+    refused, so it can never match ``attacker.net/x.example.com/app``); a pattern without a host means
+    Docker Hub, normalised like references (``busybox`` = ``docker.io/library/busybox``). In the path, ``*``
+    and ``?`` match within one segment and ``**`` matches any number of segments: ``reg/acme/*`` covers
+    ``reg/acme/app`` but not ``reg/acme/team/app``; ``reg/acme/**`` covers both. ``*`` or ``**`` alone covers
+    every image. A pattern that is not valid (:func:`scope_problem`) matches nothing.
+    """
+    p = pattern.strip()
+    if p in EVERY_IMAGE:
+        return True
+    if scope_problem(p) is not None:
+        return False
+    if not any(_WILD & set(c) for c in p):
+        return ImageRef.parse(p).name == ref.name  # an exact name; a tag or digest in it is ignored
+    host, segments = _split_pattern(p)
+    return host == ref.registry and _match_segments(segments, ref.repository.split("/"))

@@ -296,7 +296,8 @@ def _leaf_pem(chain: list[x509.Certificate]) -> bytes:
 
 
 KEY = ["--key", "{key_pub}"]
-CA = ["--ca", "{root_pem}"]
+CA = ["--ca", "{root_pem}", "--any-identity"]  # cases about the chain, not the identity
+CA_ONLY = ["--ca", "{root_pem}"]
 REKOR = ["--rekor-key", "{rekor_pub}"]
 CASES: list[tuple[str, Any, list[str], int, str]] = [
     ("key-valid", _by_key, KEY, 0, ""),
@@ -307,14 +308,14 @@ CASES: list[tuple[str, Any, list[str], int, str]] = [
     (
         "ca-valid",
         lambda m, d, r: _by_cert(m.chain, m, d, r),
-        [*CA, "--certificate-identity", EMAIL, "--certificate-oidc-issuer", ISSUER_URL],
+        [*CA_ONLY, "--certificate-identity", EMAIL, "--certificate-oidc-issuer", ISSUER_URL],
         0,
         "",
     ),
     (
         "ca-identity-regexp",
         lambda m, d, r: _by_cert(m.chain, m, d, r),
-        [*CA, "--certificate-identity-regexp", r".*@example\.com"],
+        [*CA_ONLY, "--certificate-identity-regexp", r".*@example\.com"],
         0,
         "",
     ),
@@ -323,14 +324,14 @@ CASES: list[tuple[str, Any, list[str], int, str]] = [
     (
         "ca-wrong-identity",
         lambda m, d, r: _by_cert(m.chain, m, d, r),
-        [*CA, "--certificate-identity", "mallory@example.com"],
+        [*CA_ONLY, "--certificate-identity", "mallory@example.com"],
         1,
         "identity-mismatch",
     ),
     (
         "ca-wrong-issuer",
         lambda m, d, r: _by_cert(m.chain, m, d, r),
-        [*CA, "--certificate-oidc-issuer", "https://other.example"],
+        [*CA_ONLY, "--certificate-oidc-issuer", "https://other.example"],
         1,
         "identity-mismatch",
     ),
@@ -379,6 +380,15 @@ def test_signature_artifacts_through_the_registry(
     else:
         assert doc["reason"] == "signature-invalid"
         assert any(reason in r for r in doc["reasons"]), doc["reasons"]
+
+
+def test_a_ca_without_an_identity_is_refused_before_anything_is_fetched(
+    plain: Plain, material: Material
+) -> None:
+    ref = f"{plain.server.host}/neg/ca-nobody@{Digest.of(b'never fetched')}"
+    out = cli(plain.config, "verify", ref, "--ca", str(material.root_pem))
+    assert out.returncode == 2, out.stderr
+    assert "needs at least one identity" in out.stderr and "any_identity" in out.stderr
 
 
 def test_registry_serving_wrong_bytes(plain: Plain, material: Material, fake_registry: FakeRegistry) -> None:

@@ -172,6 +172,7 @@ class Pki:
         return make_cert("", self.leaf_key, "Test Intermediate", self.inter_key, ca=False, **kw)
 
     def anchor(self, identities: tuple[Identity, ...] = (), **kw: Any) -> TrustAnchor:
+        kw.setdefault("any_identity", not identities)
         return TrustAnchor(name="test-ca", kind="ca", pem=pem(self.root), identities=identities, **kw)
 
 

@@ -320,6 +320,12 @@ def _check_certificate(
 ) -> str:
     when = dt.datetime.fromtimestamp(at, tz=dt.UTC)
     verify_path(leaf, [*untrusted, *m.intermediates], m.roots, when)
+    if not m.anchor.identities and not m.anchor.any_identity:
+        # never "no identities = anyone": a CA anchor must say whom it trusts (agent/core/anchors.py)
+        raise VerificationError(
+            f"trust anchor {m.anchor.name!r} names no identity and does not say any_identity",
+            code=Code.IDENTITY_MISMATCH,
+        )
     return "certificate " + check_identities(leaf, m.anchor.identities)
 
 

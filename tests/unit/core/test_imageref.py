@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from agent.core.digest import Digest
-from agent.core.imageref import ImageRef, scope_matches
+from agent.core.imageref import ImageRef, scope_matches, scope_problem
 from agent.errors import ImageRefError
 
 D = Digest.of(b"image")
@@ -103,13 +103,18 @@ REF_HUB_USER = ImageRef.parse("acme/app")
         (" * ", REF_HUB_USER, True),
         ("**", REF_ACME_DEEP, True),
         ("registry.example:5000/acme/*", REF_ACME, True),
-        ("registry.example:5000/acme/*", REF_ACME_DEEP, True),  # '*' crosses '/'
+        ("registry.example:5000/acme/*", REF_ACME_DEEP, False),  # '*' stays within one segment
+        ("registry.example:5000/acme/**", REF_ACME_DEEP, True),  # '**' crosses segments
+        ("registry.example:5000/acme/**", REF_ACME, True),
+        ("registry.example:5000/**/app", REF_ACME, True),
         ("registry.example:5000/acme/*", REF_OTHER_REPO, False),
         ("registry.example:5000/acme/*", REF_OTHER_HOST, False),
         ("registry.example:5000/acme/*", REF_BUSYBOX, False),
-        ("registry.example:5000/*", REF_ACME_DEEP, True),
-        ("registry.example:500?/acme/app", REF_OTHER_HOST, True),
-        ("*/acme/app", REF_ACME, True),
+        ("registry.example:5000/*", REF_ACME_DEEP, False),
+        ("registry.example:5000/**", REF_ACME_DEEP, True),
+        # the host is spelled out: a wildcard in it makes the pattern invalid, so it matches nothing
+        ("registry.example:500?/acme/app", REF_OTHER_HOST, False),
+        ("*/acme/app", REF_ACME, False),
         # exact names: compared after normalisation, tags and digests ignored
         ("registry.example:5000/acme/app", REF_ACME, True),
         ("registry.example:5000/acme/app:v1", REF_ACME, True),
@@ -125,7 +130,8 @@ REF_HUB_USER = ImageRef.parse("acme/app")
         ("busy*", REF_BUSYBOX, True),
         ("library/*", REF_BUSYBOX, True),
         ("library/*", REF_HUB_USER, False),
-        ("docker.io/*", REF_HUB_USER, True),
+        ("docker.io/*", REF_HUB_USER, False),
+        ("docker.io/**", REF_HUB_USER, True),
         ("acme/*", REF_HUB_USER, True),
         ("acme/*", REF_ACME, False),  # a Hub namespace is not a namespace on every registry
         ("busybox", REF_ACME, False),
@@ -137,3 +143,28 @@ REF_HUB_USER = ImageRef.parse("acme/app")
 )
 def test_scope_matches(pattern: str, ref: ImageRef, expected: bool) -> None:
     assert scope_matches(pattern, ref) is expected
+
+
+def test_a_wildcard_host_cannot_be_matched_through_the_path() -> None:
+    """The pattern an operator means as "any subdomain of example.com" is refused, and whatever it is, a
+    host part never matches a path segment of another registry's image."""
+    evil = ImageRef.parse("attacker.net/x.example.com/app:1")
+    assert scope_problem("*.example.com/*") is not None
+    assert not scope_matches("*.example.com/*", evil)
+    assert not scope_matches("*.example.com/**", evil)
+    assert not scope_matches("example.com/**", evil)
+    assert scope_matches("attacker.net/*/app", evil)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "words"),
+    [
+        ("*.example.com/app", "host must be spelled out"),
+        ("*/acme/app", "host must be spelled out"),
+        ("registry.example//app", "empty path segment"),
+        ("Not A Ref", "invalid image reference"),
+        ("", "empty pattern"),
+    ],
+)
+def test_scope_problems_are_named(pattern: str, words: str) -> None:
+    assert words in (scope_problem(pattern) or "")

@@ -240,12 +240,36 @@ def test_fingerprint_changes_with_anything_that_affects_verification() -> None:
         anchor_doc(scope=["registry.example:5000/acme/*"], require_tlog=True),
         anchor_doc(scope=["registry.example:5000/acme/*"], strict_identity=True),
         anchor_doc(scope=["registry.example:5000/acme/*"], rekor_public_key=PEM_B),
-        {**anchor_doc(scope=["registry.example:5000/acme/*"]), "kind": "ca"},
+        {**anchor_doc(scope=["registry.example:5000/acme/*"]), "kind": "ca", "any_identity": True},
         {**anchor_doc(scope=["registry.example:5000/acme/*"], identities=[{"subject": "x"}]), "kind": "ca"},
     ]
     fingerprints = {TrustAnchor.from_dict(v, "t").fingerprint for v in variants}
     assert len(fingerprints) == len(variants)
     assert base.fingerprint not in fingerprints
+
+
+def test_a_ca_anchor_says_whom_it_trusts() -> None:
+    ca = {**anchor_doc(scope=["registry.example/acme/*"]), "kind": "ca"}
+    with pytest.raises(PolicyError, match=r"needs at least one identity.*any_identity = true"):
+        TrustAnchor.from_dict(ca, "t")
+    assert TrustAnchor.from_dict({**ca, "any_identity": True}, "t").any_identity
+    with pytest.raises(PolicyError, match="contradict"):
+        TrustAnchor.from_dict({**ca, "any_identity": True, "identities": [{"subject": "x"}]}, "t")
+    issuer_only = TrustAnchor.from_dict({**ca, "identities": [{"issuer": "https://idp"}]}, "t")
+    assert issuer_only.issuer_only_identities == issuer_only.identities
+
+
+@pytest.mark.parametrize(
+    ("scope", "words"),
+    [
+        ([], "an empty scope covers no image"),
+        (["*.example.com/*"], "host must be spelled out"),
+        (["registry.example/acme/*", "*/app"], "host must be spelled out"),
+    ],
+)
+def test_anchor_scopes_mean_what_they_say(scope: list[str], words: str) -> None:
+    with pytest.raises(PolicyError, match=words):
+        TrustAnchor.from_dict(anchor_doc(scope=scope), "t")
 
 
 def test_identities_only_apply_to_ca_anchors() -> None:

@@ -70,8 +70,13 @@ def test_ca_valid_with_carried_chain(pki: Pki) -> None:
 
 def test_ca_valid_with_configured_intermediates(pki: Pki) -> None:
     sig = ca_sig(pki.leaf_key, pki.leaf())
-    anchor = TrustAnchor(name="ca", kind="ca", pem=pem(pki.root), intermediates=pem(pki.inter))
+    anchor = TrustAnchor(
+        name="ca", kind="ca", pem=pem(pki.root), intermediates=pem(pki.inter), any_identity=True
+    )
     assert code_of(sig, anchor) == "verified"
+    # a CA anchor that names nobody and does not say any_identity trusts nobody
+    nobody = TrustAnchor(name="ca", kind="ca", pem=pem(pki.root), intermediates=pem(pki.inter))
+    assert code_of(sig, nobody) == "identity-mismatch"
     # without any intermediate the leaf cannot be chained
     assert code_of(sig, pki.anchor()) == "certificate-untrusted"
 
@@ -99,7 +104,10 @@ def test_carried_self_signed_root_is_not_trusted(pki: Pki) -> None:
         assert code_of(ca_sig(pki.leaf_key, leaf, chain), pki.anchor()) == "certificate-untrusted"
     # trusting it explicitly would work: the failure above is about trust, not format
     assert (
-        code_of(ca_sig(pki.leaf_key, leaf, [evil_root]), TrustAnchor(name="e", kind="ca", pem=pem(evil_root)))
+        code_of(
+            ca_sig(pki.leaf_key, leaf, [evil_root]),
+            TrustAnchor(name="e", kind="ca", pem=pem(evil_root), any_identity=True),
+        )
         == "verified"
     )
 
