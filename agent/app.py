@@ -6,12 +6,14 @@ No other module knows every other one.
 from __future__ import annotations
 
 import fcntl
+import ipaddress
 import json
 import logging
 import os
 import signal
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -20,12 +22,12 @@ from agent import __version__
 from agent.adapters.engine import Engine
 from agent.adapters.store import Store
 from agent.adapters.wakeup import DatabaseWatch, Listener, notify_agent
-from agent.config import Config
+from agent.config import Config, MqttConfig
 from agent.control.service import Service
 from agent.core.decision import VerificationOutcome, VerifyTarget, rescan_reason
 from agent.core.facts import ContainerEvent
 from agent.core.records import plugin_slot_alert
-from agent.errors import EngineError, StateError
+from agent.errors import ConfigError, EngineError, ImageGuardError, StateError
 from agent.runtime.enforcer import Enforcer, Handled, Verifier
 from agent.runtime.instances import InstanceManager
 from agent.runtime.monitor import Monitor
@@ -50,6 +52,8 @@ class AgentLock:
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / LOCK_NAME
         self._fd: int | None = None
+        self._started = time.time()
+        self._disabled: dict[str, str] = {}
 
     def acquire(self, store: Store | None = None) -> None:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -63,13 +67,18 @@ class AgentLock:
         self._fd = fd
         self.describe(store)
 
-    def describe(self, store: Store | None = None) -> None:
-        """Write who holds the lock, and which database file it has open (the CLI checks it edits that one)."""
+    def describe(self, store: Store | None = None, *, disabled: dict[str, str] | None = None) -> None:
+        """Write who holds the lock, which database file it has open (the CLI checks it edits that one),
+        and which optional parts are disabled (``status`` shows them)."""
         if self._fd is None:
             return
-        info: dict[str, Any] = {"pid": os.getpid(), "started": time.time(), "version": __version__}
+        if disabled is not None:
+            self._disabled = dict(disabled)
+        info: dict[str, Any] = {"pid": os.getpid(), "started": self._started, "version": __version__}
         if store is not None:
             info.update(db_id=store.db_id, inode=store.inode)
+        if self._disabled:
+            info["disabled"] = self._disabled
         try:
             os.ftruncate(self._fd, 0)
             os.pwrite(self._fd, json.dumps(info).encode(), 0)
@@ -222,6 +231,8 @@ class Agent:
         self.authz: AuthzServer | None = None
         self.instances: InstanceManager | None = None
         self.cloud: CloudConnection | None = None
+        #: optional parts that could not start, and why (shown by ``status``)
+        self.disabled: dict[str, str] = {}
 
     def _make_cloud(self) -> CloudConnection:
         # paho and the control plane load only with [mqtt]
@@ -235,6 +246,7 @@ class Agent:
 
         mqtt = self.config.mqtt
         assert mqtt is not None
+        check_transport(mqtt)
         codec = PayloadCodec.from_config(mqtt)
         topics = Topics(mqtt.account, self.config.device.id, control_prefix=mqtt.control_prefix)
         ctx = ControlContext(self.config, self.service, self.engine, running=self)
@@ -268,11 +280,12 @@ class Agent:
         if self.store.problem is not None:
             log.error("%s", self.store.problem)
         if self.config.mqtt is not None:
-            try:  # bad TLS files or credentials fail here, before anything runs
+            # an optional part: bad TLS files, credentials or a policy-signing key disable the cloud
+            # connection (loudly), never enforcement
+            try:
                 self.cloud = self._make_cloud()
-            except Exception:
-                self.lock.release()
-                raise
+            except Exception as exc:
+                self.disable("mqtt", exc)
         policy = self.service.effective()
         self.enforcer = Enforcer(
             self.engine,
@@ -345,6 +358,17 @@ class Agent:
             log.warning(
                 "the allowlist is empty and no trust anchor is configured: every container will be blocked"
             )
+
+    def disable(self, part: str, exc: BaseException) -> None:
+        """An optional part cannot start: say so loudly, record it for ``status``, keep enforcing."""
+        detail = str(exc) if isinstance(exc, ImageGuardError) else f"{type(exc).__name__}: {exc}"
+        self.disabled[part] = detail
+        log.error(
+            "%s is DISABLED: %s; the agent enforces without it until this is fixed and it is restarted",
+            part.upper() if part == "mqtt" else part,
+            detail,
+        )
+        self.lock.describe(self.store, disabled=self.disabled)
 
     def _state_restored(self) -> None:
         """The state directory's files were put back: so are the lock and the wake-up socket in it."""
@@ -452,6 +476,24 @@ class Agent:
 
 
 # -- parts for one-shot commands (the CLI): built here too, so that nothing else wires the agent --------
+
+
+def check_transport(mqtt: MqttConfig) -> None:
+    """Plaintext MQTT only to this host, unless the configuration says ``allow_plaintext = true``."""
+    parsed = urllib.parse.urlsplit(mqtt.url)
+    if parsed.scheme != "mqtt" or mqtt.allow_plaintext:
+        return
+    host = parsed.hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ConfigError(
+            f"[mqtt] url {mqtt.url}: plaintext MQTT to a broker on another host would carry the credentials "
+            "and every policy change readable and forgeable on the network; use mqtts://, or set "
+            "allow_plaintext = true if the network itself is protected"
+        )
 
 
 def policy_service(config: Config) -> Service:

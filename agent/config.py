@@ -116,6 +116,12 @@ class MqttConfig:
     max_version_step: int = 1_000_000
     max_payload_bytes: int = 256 * 1024
     policy_signing_key: Path | None = None
+    #: without a policy_signing_key, policy changes over MQTT are refused unless this says otherwise
+    allow_unsigned_policy: bool = False
+    #: plaintext mqtt:// to a broker that is not on this host (credentials and policy readable on the wire)
+    allow_plaintext: bool = False
+    #: what an instance spec arriving over MQTT may ask for (see agent/core/instances.py REMOTE_GRANTS)
+    remote_instances_allow: tuple[str, ...] = ()
     reconnect_min_seconds: float = 1.0
     reconnect_max_seconds: float = 60.0
 
@@ -189,6 +195,7 @@ def from_dict(data: dict[str, Any], source: str = "<dict>", base: Path | None = 
         m = dict(data["mqtt"])
         for key in ("password_file", "ca_bundle", "client_cert", "client_key", "policy_signing_key"):
             m[key] = _path(m.get(key), base)
+        m["remote_instances_allow"] = tuple(m.get("remote_instances_allow", ()))
         mqtt = MqttConfig(**m)
         if mqtt.reconnect_max_seconds < mqtt.reconnect_min_seconds:
             raise ConfigError(

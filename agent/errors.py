@@ -62,6 +62,7 @@ class Code(StrEnum):
     PUBLISH_WINDOW_FULL = "publish-window-full"
     PULL_FAILED = "pull-failed"
     REGISTRY_AUTH_FAILED = "registry-auth-failed"
+    REMOTE_SPEC_NOT_PERMITTED = "remote-spec-not-permitted"
     REGISTRY_DIGEST_MISMATCH = "registry-digest-mismatch"
     REGISTRY_ERROR = "registry-error"
     REGISTRY_NOT_FOUND = "registry-not-found"

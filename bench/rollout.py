@@ -41,6 +41,8 @@ def agent_config(
     mqtt = f'url = "{broker_url}"\naccount = "{ACCOUNT}"\nreconnect_min_seconds = 0.5\n'
     if signing_key is not None:
         mqtt += f'policy_signing_key = "{signing_key}"\n'
+    else:  # the unsigned run measures the rollout itself, so it opts out of the signed-policy default
+        mqtt += "allow_unsigned_policy = true\n"
     path = directory / "config.toml"
     path.write_text(
         f'[device]\nid = "{device}"\ngroups = ["{GROUP}"]\n\n[engine]\nurl = "{engine_url}"\n\n'

@@ -313,6 +313,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             if a["running"]
             else "not running"
         )
+        if disabled := a.get("disabled"):
+            running += "; DISABLED: " + "; ".join(f"{part} ({why})" for part, why in sorted(disabled.items()))
         e = status["engine"]
         eng = f"reachable (Docker {e.get('version')})" if e["reachable"] else f"UNREACHABLE: {e.get('error')}"
         p = status["policy"]

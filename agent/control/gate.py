@@ -24,29 +24,42 @@ if TYPE_CHECKING:
 class PolicyGate:
     """What a policy change arriving over MQTT must look like on this device.
 
-    Without a verifier, bare documents and envelopes are both accepted (an envelope is unwrapped unverified:
-    no key is provisioned, so it is as trusted as a bare document). A ``target``, when named, must be ours.
-    With a verifier, only whole, signed, correctly targeted documents pass.
+    With a verifier, only whole, signed, correctly targeted documents pass. Without one, every policy change
+    is refused, unless the configuration says ``allow_unsigned_policy = true``: then bare documents and
+    envelopes are both accepted (an envelope is unwrapped unverified: no key is provisioned, so it is as
+    trusted as a bare document), and a ``target``, when named, must be ours.
     """
 
     device_id: str
     verifier: PolicyVerifier | None = None
+    allow_unsigned: bool = False
 
     @classmethod
     def from_config(cls, config: Config) -> PolicyGate:
         path = config.mqtt.policy_signing_key if config.mqtt else None
         if path is None:
-            return cls(config.device.id, None)
+            unsigned = config.mqtt is not None and config.mqtt.allow_unsigned_policy
+            return cls(config.device.id, None, allow_unsigned=unsigned)
         from agent.verify.policy_signature import PolicyVerifier
 
         return cls(config.device.id, PolicyVerifier.from_file(path))
 
     @property
     def signing_required(self) -> bool:
-        return self.verifier is not None
+        return not self.allow_unsigned
+
+    def _refuse_unsigned(self, what: str) -> None:
+        if self.verifier is None and not self.allow_unsigned:
+            raise PolicySignatureError(
+                f"{what}: this device takes policy over MQTT only signed, and no policy-signing key is "
+                "provisioned (set [mqtt] policy_signing_key, or allow_unsigned_policy = true to accept "
+                "unsigned changes from anyone who can publish on its topics)",
+                code=Code.SIGNED_DOCUMENT_REQUIRED,
+            )
 
     def require_whole_document(self, what: str) -> None:
         """Refuse a piecemeal change (allowlist entry, anchor, enforcement) while signing is on."""
+        self._refuse_unsigned(what)
         if self.verifier is not None:
             raise PolicySignatureError(
                 f"{what}: a signed whole layer document is required (this device accepts policy changes only "
@@ -57,6 +70,7 @@ class PolicyGate:
     def open(self, body: Any, layer: str = DEVICE_LAYER) -> dict[str, Any]:
         """The layer document carried by ``body`` after the signature and target checks."""
         what = f"policy for layer {layer!r}"
+        self._refuse_unsigned(what)
         if self.verifier is not None:
             document = self.verifier.verify(body, what)
         elif is_envelope(body):

@@ -88,7 +88,8 @@ def control_routes(
     service: Service,
     running: RunningInstances,
     *,
-    check_edit: Callable[[str], None] = lambda _what: None,
+    check_edit: Callable[[str], None],
+    check_spec: Callable[[InstanceSpec], None],
     update_timeout: float = 120.0,
 ) -> dict[tuple[str, tuple[str, ...]], Callable[[Any], Any]]:
     """``GET instances``, ``GET|PUT|DEL instances/{name}``, ``EXEC instances/{name}/update``."""
@@ -119,6 +120,7 @@ def control_routes(
         if isinstance(doc, dict):
             doc = {"name": req.params["name"], **doc}
         spec = InstanceSpec.from_document(doc, f"instance {req.params['name']!r}")
+        check_spec(spec)
         return Response.of_json(put_instance(service, spec, source=source(req)).to_dict())
 
     def del_one(req: Request) -> Response:

@@ -31,6 +31,7 @@ from agent.core.anchors import TrustAnchor
 from agent.core.digest import Digest
 from agent.core.envelope import claimed_version
 from agent.core.imageref import ImageRef
+from agent.core.instances import InstanceSpec, remote_problem
 from agent.core.policy import DEVICE_LAYER, AllowlistEntry, PolicyLayer, group_layer
 from agent.core.schemas import validate
 from agent.errors import Code, ControlError, EngineError, ImageGuardError, InputError, SchemaError
@@ -90,7 +91,18 @@ def accept_layer_document(ctx: ControlContext, doc: Any, layer_name: str, source
     no enforcement). Versions are the policy service's: older -> RollbackError, equal -> unchanged.
     Rejections are not recorded here: the caller reports them with :func:`claimed_version`.
     """
-    return ctx.policy_gate.accept(doc, layer_name)
+    layer = ctx.policy_gate.accept(doc, layer_name)
+    for spec in layer.instances:
+        check_remote_spec(ctx, spec)
+    return layer
+
+
+def check_remote_spec(ctx: ControlContext, spec: InstanceSpec) -> None:
+    """Refuse (403) a spec from MQTT that asks for the host: host network, sensitive binds, an anchor for
+    every image, unless the device's configuration grants it ([mqtt] remote_instances_allow)."""
+    granted = ctx.config.mqtt.remote_instances_allow if ctx.config.mqtt else ()
+    if (problem := remote_problem(spec, granted, ctx.config.protected_paths)) is not None:
+        raise ControlError(403, problem, code=Code.REMOTE_SPEC_NOT_PERMITTED)
 
 
 def check_partial_edit(ctx: ControlContext, what: str) -> None:
@@ -389,6 +401,11 @@ def routes(ctx: ControlContext) -> dict[Route, Handler]:
     table = {route: bind(fn) for route, fn in _TABLE.items()}
     # managed instances: GET instances, GET|PUT|DEL instances/{name}, EXEC instances/{name}/update
     table.update(
-        control_routes(ctx.service, ctx.running, check_edit=lambda what: check_partial_edit(ctx, what))
+        control_routes(
+            ctx.service,
+            ctx.running,
+            check_edit=lambda what: check_partial_edit(ctx, what),
+            check_spec=lambda spec: check_remote_spec(ctx, spec),
+        )
     )
     return table

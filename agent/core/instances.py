@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -141,11 +142,14 @@ class InstanceSpec:
             raise bad("trust_anchor", "required unless enforcement_digest is given (nothing could vouch)")
         inline = None
         if isinstance(anchor, dict):
+            # an inline anchor vouches for this instance's repository and nothing else: a spec (maybe from
+            # whoever can publish on the device's topics) can never bring a key for every image
             inline = TrustAnchor(
                 name=f"instance-{doc['name']}",
                 kind=anchor.get("kind", "key"),
                 pem=anchor["pem"],
                 require_tlog=bool(anchor.get("require_tlog", False)),
+                scope=(ref.name,),
             )
         return cls(
             name=doc["name"],
@@ -528,3 +532,47 @@ def next_check(specs: Iterable[InstanceSpec], states: Mapping[str, InstanceState
         and states[s.name].pinned_digest is not None
     ]
     return min(times) if times else None
+
+
+# -- what a spec that arrives over MQTT may ask for -----------------------------------------------------
+
+#: grants a device's configuration can give remote specs ([mqtt] remote_instances_allow)
+REMOTE_GRANTS = ("host_network", "sensitive_binds")
+#: host paths whose bind mount gives a container the host (or its secrets): refused for remote specs
+SENSITIVE_PATHS = (
+    "/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib64", "/proc", "/root", "/run", "/sbin",
+    "/sys", "/usr", "/var/lib", "/var/run", "/var/log",
+)  # fmt: skip
+
+
+def _exposes(source: str, path: str) -> bool:
+    """A bind of ``source`` exposes ``path``: it is ``path``, contains it, or lies inside it (``/`` itself
+    counts only as a whole: every path lies inside it)."""
+    path = path.rstrip("/") or "/"
+    if path == "/":
+        return source == "/"
+    return source == path or path.startswith(source.rstrip("/") + "/") or source.startswith(path + "/")
+
+
+def remote_problem(spec: InstanceSpec, granted: Iterable[str], protected: Iterable[str] = ()) -> str | None:
+    """Why a spec that arrived over MQTT asks for more than this device lets remote specs have, or None.
+
+    Whoever can publish a spec would otherwise run a container with the host's network or a bind of ``/``
+    or ``/etc``, as root. (An inline anchor needs no grant: it only ever covers the spec's own repository.)
+    """
+    grants = set(granted)
+    what = f"instance {spec.name!r}"
+    if spec.run.network == "host" and "host_network" not in grants:
+        return f"{what}: network 'host' is not permitted for specs sent over MQTT on this device"
+    if "sensitive_binds" not in grants:
+        for mount in spec.run.volumes:
+            source = posixpath.normpath(mount.source)
+            if not source.startswith("/"):
+                continue  # a named volume, not a host path
+            for path in (*SENSITIVE_PATHS, *protected):
+                if _exposes(source, path):
+                    return (
+                        f"{what}: the bind mount of {mount.source} exposes {path} of the host, which specs "
+                        "sent over MQTT may not ask for on this device"
+                    )
+    return None

@@ -301,3 +301,45 @@ def test_undecodable_rows_are_set_aside_and_everything_else_goes_on(
         wait_for(lambda: "p-3" in decided(config), 10, what="a new decision")
     finally:
         assert again.stop() == 0
+
+
+# -- optional parts that cannot start --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mqtt", "words"),
+    [
+        ({"url": "mqtt://127.0.0.1:1", "policy_signing_key": "/nonexistent/policy.pub"}, "policy.pub"),
+        ({"url": "mqtt://192.0.2.10:1883"}, "plaintext MQTT to a broker on another host"),
+        ({"url": "mqtts://127.0.0.1:1", "ca_bundle": "/nonexistent/ca.pem"}, "ca.pem"),
+    ],
+    ids=["signing-key-missing", "plaintext-remote", "tls-file-missing"],
+)
+def test_a_broken_optional_part_is_disabled_loudly_and_enforcement_goes_on(
+    tmp_path: Path,
+    engine: Dockerd,
+    busybox_images: dict[str, str],
+    agent_on: list[AgentProcess],
+    mqtt: dict[str, str],
+    words: str,
+) -> None:
+    config = write_config(
+        tmp_path / "config.toml",
+        {
+            "device": {"id": "degraded-device"},
+            "engine": {"url": engine.url},
+            "state": {"dir": str(tmp_path / "state")},
+            "enforcement": {"stop_grace_seconds": 0},
+            "mqtt": mqtt,
+        },
+    )
+    proc = AgentProcess(config, tmp_path / "agent.log").start()
+    agent_on.append(proc)
+    proc.wait_log("MQTT is DISABLED")
+    assert words in proc.log()
+    run_blocked(engine, ["while-degraded"])
+    gone(engine, "while-degraded")
+    doc = status(config)
+    assert "mqtt" in doc["agent"]["disabled"] and words in doc["agent"]["disabled"]["mqtt"]
+    text = cli(config, "status").stdout
+    assert "DISABLED: mqtt" in text

@@ -440,7 +440,7 @@ def test_status_changes_and_rejection_alert_arrive_over_the_broker(
             "engine": {"url": engine.url},
             "state": {"dir": str(state)},
             "enforcement": {"stop_grace_seconds": 0},
-            "mqtt": {"url": mosquitto.url, "account": "acct"},
+            "mqtt": {"url": mosquitto.url, "account": "acct", "allow_unsigned_policy": True},
         },
         [registry_entry(registry.server)],
     )

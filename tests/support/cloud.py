@@ -186,6 +186,8 @@ def agent_config(path: Path, engine: Dockerd, broker: MosquittoBroker, **mqtt: A
                 "account": ACCOUNT,
                 "reconnect_min_seconds": 0.2,
                 "reconnect_max_seconds": 1.0,
+                # unsigned policy unless a test provisions a signing key (tests of the default set it False)
+                "allow_unsigned_policy": "policy_signing_key" not in mqtt,
                 **mqtt,
             },
         },

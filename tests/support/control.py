@@ -23,8 +23,10 @@ T = Topics(account="acme", device_id="dev-1")
 
 
 class Harness:
-    def __init__(self, tmp: Path, *, signing_key: bool = False) -> None:
+    def __init__(self, tmp: Path, *, signing_key: bool = False, unsigned: bool = True) -> None:
         mqtt: dict[str, Any] = {"url": "mqtt://127.0.0.1:1", "account": "acme"}
+        if unsigned and not signing_key:  # these tests are about resources, not about the signing default
+            mqtt["allow_unsigned_policy"] = True
         if signing_key:
             (tmp / "policy.pub").write_text(public_pem())
             mqtt["policy_signing_key"] = str(tmp / "policy.pub")

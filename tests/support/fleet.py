@@ -40,6 +40,7 @@ class Fleet:
                     "account": ACCOUNT,
                     "reconnect_min_seconds": 0.2,
                     "reconnect_max_seconds": 1.0,
+                    "allow_unsigned_policy": "policy_signing_key" not in mqtt,
                     **mqtt,
                 },
             },

@@ -264,3 +264,24 @@ def test_control_schemas_are_valid_schemas() -> None:
         # compiling the validator checks the schema itself (jsonschema raises on a broken one)
         with contextlib.suppress(SchemaError):
             validate({}, f"control/{name}", name)
+
+
+def test_a_remote_spec_cannot_ask_for_the_host(h: Harness) -> None:
+    spec = {
+        "image": "registry.example/acme/web",
+        "tag": "1",
+        "trust_anchor": {"pem": "unused"},
+        "run": {"network": "host", "volumes": [{"source": "/", "target": "/host"}]},
+    }
+    code, message, _ = h.call("PUT", "instances", "web", body=spec)
+    assert code == 403 and message and "network 'host' is not permitted" in message
+    code, message, _ = h.call(
+        "PUT",
+        "policy",
+        body={
+            "version": 1,
+            "instances": [{**spec, "name": "web", "run": {"volumes": [{"source": "/", "target": "/h"}]}}],
+        },
+    )
+    assert code == 403 and message and "exposes / of the host" in message
+    assert h.ok("get-policy.reply", "GET", "policy")["version"] == 0, "nothing changed"

@@ -10,6 +10,7 @@ import pytest
 from agent.core.anchors import TrustAnchor
 from agent.core.decision import rescan_reason
 from agent.core.digest import Digest
+from agent.core.imageref import ImageRef
 from agent.core.instances import (
     LABEL_CONFIG,
     LABEL_INSTANCE,
@@ -28,6 +29,7 @@ from agent.core.instances import (
     next_check,
     pin_key,
     plan,
+    remote_problem,
     update_due,
 )
 from agent.core.policy import EffectivePolicy, Enforcement, PolicyLayer
@@ -369,3 +371,44 @@ def test_state_row_round_trip() -> None:
 def test_update_outcome_round_trips_and_matches_the_reply_schema(outcome: UpdateOutcome) -> None:
     assert UpdateOutcome.from_dict(outcome.to_dict()) == outcome
     validate({"name": "web", **outcome.to_dict()}, "control/exec-instance-update.reply", "update reply")
+
+
+# -- specs that arrive over MQTT ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("run", "granted", "words"),
+    [
+        ({"network": "host"}, (), "network 'host' is not permitted"),
+        ({"volumes": [{"source": "/", "target": "/host"}]}, (), "exposes / of the host"),
+        ({"volumes": [{"source": "/etc/ssl", "target": "/ssl"}]}, (), "exposes /etc"),
+        ({"volumes": [{"source": "/var/run/docker.sock", "target": "/s"}]}, (), "exposes /var/run"),
+        ({"volumes": [{"source": "/var/../etc", "target": "/x"}]}, (), "exposes /etc"),
+        ({"volumes": [{"source": "/var/lib/imageguard", "target": "/x"}]}, (), "exposes /var/lib"),
+        ({"network": "host"}, ("host_network",), None),
+        ({"volumes": [{"source": "/etc", "target": "/x"}]}, ("sensitive_binds",), None),
+        ({"volumes": [{"source": "/srv/data", "target": "/data"}], "network": "bridge"}, (), None),
+        ({"volumes": [{"source": "appdata", "target": "/data"}]}, (), None),
+    ],
+)
+def test_what_a_remote_spec_may_ask_for(
+    run: dict[str, Any], granted: tuple[str, ...], words: str | None
+) -> None:
+    problem = remote_problem(spec(run=run), granted)
+    if words is None:
+        assert problem is None
+    else:
+        assert problem is not None and words in problem
+
+
+def test_a_protected_path_is_refused_to_remote_specs_whatever_the_grants_say_about_others() -> None:
+    s = spec(run={"volumes": [{"source": "/data/imageguard", "target": "/x"}]})
+    assert remote_problem(s, ("host_network",), ["/data/imageguard/state"]) is not None
+
+
+def test_an_inline_anchor_covers_its_own_repository_only() -> None:
+    s = spec(trust_anchor={"pem": PEM})
+    assert s.inline_anchor is not None
+    assert s.inline_anchor.covers(ImageRef.parse("registry.example:5000/acme/web:any"))
+    assert not s.inline_anchor.covers(ImageRef.parse("registry.example:5000/acme/other:1"))
+    assert not s.inline_anchor.covers(ImageRef.parse("evil.example/x:1"))

@@ -229,9 +229,22 @@ def test_gate_with_signing_accepts_only_signed_targeted_documents(p256: PrivateK
     assert err.value.status == 403 and err.value.code == "signed-document-required"
 
 
-def test_gate_without_signing_accepts_bare_and_enveloped_documents(p256: PrivateKey) -> None:
+def test_gate_without_a_key_refuses_every_change_by_default(p256: PrivateKey) -> None:
     gate = PolicyGate("dev-1")
-    gate.require_whole_document("POST allowlist")  # piecemeal changes are fine without a key
+    assert gate.signing_required
+    for attempt in (
+        lambda: gate.require_whole_document("POST allowlist"),
+        lambda: gate.accept({"version": 2}),
+        lambda: gate.accept(sign_policy(doc(version=4), p256)),  # signed, but by whom? no key to tell
+    ):
+        with pytest.raises(PolicySignatureError, match="no policy-signing key is provisioned") as err:
+            attempt()
+        assert err.value.code == "signed-document-required"
+
+
+def test_gate_allowing_unsigned_accepts_bare_and_enveloped_documents(p256: PrivateKey) -> None:
+    gate = PolicyGate("dev-1", allow_unsigned=True)
+    gate.require_whole_document("POST allowlist")  # piecemeal changes are fine when unsigned is allowed
     assert gate.accept({"version": 2}).version == 2
     assert gate.accept(sign_policy(doc(version=4), p256)).version == 4
     with pytest.raises(PolicyError, match="at /target: the document is for") as err:
@@ -244,7 +257,9 @@ def test_gate_without_signing_accepts_bare_and_enveloped_documents(p256: Private
 def test_gate_from_config(tmp_path: Path, p256: PrivateKey) -> None:
     (tmp_path / "policy.pub").write_bytes(public_key_pem(p256.public_key()))
     base = {"device": {"id": "dev-1"}, "mqtt": {"url": "mqtt://127.0.0.1:1"}}
-    assert not PolicyGate.from_config(from_dict(base, "t", tmp_path)).signing_required
+    assert PolicyGate.from_config(from_dict(base, "t", tmp_path)).signing_required  # the default
+    opted_out = dict(base, mqtt={"url": "mqtt://127.0.0.1:1", "allow_unsigned_policy": True})
+    assert not PolicyGate.from_config(from_dict(opted_out, "t", tmp_path)).signing_required
     signed = dict(base, mqtt={"url": "mqtt://127.0.0.1:1", "policy_signing_key": "policy.pub"})
     gate = PolicyGate.from_config(from_dict(signed, "t", tmp_path))
     assert gate.signing_required and gate.device_id == "dev-1"
