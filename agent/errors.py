@@ -21,6 +21,8 @@ class Code(StrEnum):
     ANCHOR_SCOPE = "anchor-scope"
     BROKER_ERROR = "broker-error"
     BUNDLE_INVALID = "bundle-invalid"
+    CERTIFICATE_CA_INVALID = "certificate-ca-invalid"
+    CERTIFICATE_PATH_LENGTH = "certificate-path-length"
     CERTIFICATE_EKU = "certificate-eku"
     CERTIFICATE_EXPIRED = "certificate-expired"
     CERTIFICATE_UNTRUSTED = "certificate-untrusted"

@@ -102,7 +102,10 @@ def make_cert(
     eku: list[x509.ObjectIdentifier] | None = None,
     sans: list[x509.GeneralName] | None = None,
     extra: list[x509.ExtensionType] | None = None,
+    key_usage: x509.KeyUsage | str | None = "default",
 ) -> x509.Certificate:
+    """``key_usage``: "default" (keyCertSign + cRLSign for a CA, digitalSignature otherwise), None (no
+    keyUsage extension at all) or one given."""
     b = (
         x509.CertificateBuilder()
         .subject_name(_name(subject))
@@ -117,11 +120,13 @@ def make_cert(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), critical=False
         )
     )
-    if ca:
+    if isinstance(key_usage, x509.KeyUsage):
+        b = b.add_extension(key_usage, critical=True)
+    elif key_usage == "default" and ca:
         b = b.add_extension(
             x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
         )
-    else:
+    elif key_usage == "default":
         b = b.add_extension(
             x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True
         )

@@ -14,6 +14,7 @@ import re
 from collections.abc import Sequence
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import Criticality, ExtensionPolicy, PolicyBuilder, Store
 from cryptography.x509.verification import VerificationError as X509VerificationError
@@ -117,8 +118,11 @@ def verify_path(
             .extension_policies(ca_policy=ca_policy, ee_policy=ee_policy)
             .build_client_verifier()
         )
-        return list(verifier.verify(leaf, list(untrusted)).chain)
+        chain = list(verifier.verify(leaf, list(untrusted)).chain)
     except X509VerificationError as exc:
+        # the library's path rules include path length; say which rule a path that exists broke
+        if (path := _naive_path(leaf, untrusted, roots)) is not None:
+            check_ca_rules(path)
         # judged from the certificates' validity periods, not from the library's message text
         expired = any(not (c.not_valid_before_utc <= at <= c.not_valid_after_utc) for c in (leaf, *untrusted))
         code = Code.CERTIFICATE_EXPIRED if expired else Code.CERTIFICATE_UNTRUSTED
@@ -131,6 +135,85 @@ def verify_path(
         raise VerificationError(
             f"certificate path cannot be validated: {exc}", code=Code.CERTIFICATE_UNTRUSTED
         ) from None
+    check_ca_rules(chain)
+    return chain
+
+
+def _naive_path(
+    leaf: x509.Certificate, untrusted: Sequence[x509.Certificate], roots: Sequence[x509.Certificate]
+) -> list[x509.Certificate] | None:
+    """After a failed verification: the path from ``leaf`` to one of ``roots`` by signatures alone (no
+    other rule), so that :func:`check_ca_rules` can name the rule it breaks. None if there is no such path."""
+    path, current = [leaf], leaf
+    candidates = [*untrusted, *roots]
+    for _ in range(8):
+        if any(current == r for r in roots):
+            return path
+        for issuer in candidates:
+            if issuer in path or issuer.subject != current.issuer:
+                continue
+            try:
+                current.verify_directly_issued_by(issuer)
+            except (ValueError, TypeError, InvalidSignature):
+                continue
+            path.append(issuer)
+            current = issuer
+            break
+        else:
+            return None
+    return None
+
+
+def check_ca_rules(chain: Sequence[x509.Certificate]) -> None:
+    """The rules cosign (through Go's x509) applies to every CA in a built path ``[leaf, ..., root]``,
+    checked on the path itself so that each failure has its own reason:
+
+    - basic constraints present with ``ca`` true, and a key usage that allows certificate signing;
+    - extended key usage nesting: a CA that restricts its EKUs must allow code signing;
+    - path length: a CA's ``pathLenConstraint`` bounds the CAs below it.
+    """
+    for depth, ca in enumerate(chain[1:], start=1):
+        name = ca.subject.rfc4514_string()
+        try:
+            bc = ca.extensions.get_extension_for_class(x509.BasicConstraints).value
+        except x509.ExtensionNotFound:
+            bc = None
+        if bc is None or not bc.ca:
+            raise VerificationError(
+                f"certificate {name!r} issues certificates but is not a CA (basicConstraints cA is not set)",
+                code=Code.CERTIFICATE_CA_INVALID,
+            )
+        try:
+            ku = ca.extensions.get_extension_for_class(x509.KeyUsage).value
+        except x509.ExtensionNotFound:
+            ku = None
+        if ku is None or not ku.key_cert_sign:
+            raise VerificationError(
+                f"CA certificate {name!r} is not allowed to sign certificates (keyUsage keyCertSign is "
+                + ("missing" if ku is not None else "absent: no keyUsage extension")
+                + ")",
+                code=Code.CERTIFICATE_CA_INVALID,
+            )
+        try:
+            eku = ca.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        except x509.ExtensionNotFound:
+            eku = None
+        if eku is not None and not {
+            ExtendedKeyUsageOID.CODE_SIGNING,
+            ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE,
+        } & set(eku):
+            raise VerificationError(
+                f"CA certificate {name!r} restricts its extended key usage to "
+                f"{', '.join(o.dotted_string for o in eku)}, which does not include code signing",
+                code=Code.CERTIFICATE_EKU,
+            )
+        below = depth - 1  # CA certificates between this one and the leaf
+        if bc.path_length is not None and below > bc.path_length:
+            raise VerificationError(
+                f"CA certificate {name!r} allows {bc.path_length} CA certificates below it "
+                f"(pathLenConstraint), the path has {below}",
+                code=Code.CERTIFICATE_PATH_LENGTH,
+            )
 
 
 def subject_alt_names(cert: x509.Certificate) -> list[str]:
