@@ -59,6 +59,7 @@ class Code(StrEnum):
     POLICY_VERSION_JUMP = "policy-version-jump"
     POLICY_SIGNATURE_INVALID = "policy-signature-invalid"
     POLICY_UNKNOWN_KEY = "policy-unknown-key"
+    POLICY_EXPIRED = "policy-expired"
     POLICY_UNSIGNED = "policy-unsigned"
     POLICY_WRONG_TARGET = "policy-wrong-target"
     PUBLISH_WINDOW_FULL = "publish-window-full"

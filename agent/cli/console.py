@@ -100,6 +100,12 @@ def register(sub: Any) -> None:
     q.add_argument("--passphrase-file", metavar="FILE", help="passphrase of an encrypted key")
     q.add_argument("--device", metavar="ID", help="set target {device: ID} if the document names none")
     q.add_argument("--group", metavar="G", help="set target {group: G} if the document names none")
+    q.add_argument(
+        "--expires",
+        metavar="WHEN",
+        help="refused by devices after this time: RFC 3339 (2027-01-31T00:00:00Z) or a duration from now "
+        "(90m, 12h, 30d)",
+    )
     q.set_defaults(handler=cmd_sign_policy)
 
 
@@ -358,6 +364,27 @@ def cmd_devices(args: argparse.Namespace) -> int:
 # --- sign-policy -------------------------------------------------------------------------------------
 
 
+_DURATION = {"m": 60, "h": 3600, "d": 86400}
+
+
+def _expiry(text: str) -> str:
+    """``--expires``: an RFC 3339 time, or a duration from now such as 12h or 30d."""
+    import datetime as dt
+
+    if text[:-1].isdigit() and text[-1] in _DURATION:
+        when = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=int(text[:-1]) * _DURATION[text[-1]])
+        return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+    try:
+        parsed = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise InputError(
+            f"--expires {text!r}: expected an RFC 3339 time or a duration like 12h or 30d"
+        ) from None
+    if parsed.tzinfo is None:
+        raise InputError(f"--expires {text!r}: give a time zone (Z or +01:00)")
+    return parsed.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def cmd_sign_policy(args: argparse.Namespace) -> int:
     from agent.verify.policy_signature import sign_policy
 
@@ -368,6 +395,8 @@ def cmd_sign_policy(args: argparse.Namespace) -> int:
         raise InputError("give --device or --group, not both")
     if "target" not in doc and (args.device or args.group):
         doc["target"] = {"device": args.device} if args.device else {"group": args.group}
+    if args.expires:
+        doc["expires"] = _expiry(args.expires)
     key = _load_signing_key(args.key, args.passphrase_file)
     print(json.dumps(sign_policy(doc, key), indent=2, sort_keys=True))
     return EXIT_OK

@@ -19,7 +19,9 @@ does I/O except :meth:`PolicyVerifier.from_file`.
 from __future__ import annotations
 
 import binascii
-from collections.abc import Mapping
+import datetime as dt
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,6 +102,27 @@ def canonical_bytes(document: Any) -> bytes:
         raise InputError(f"policy document cannot be canonicalised (RFC 8785): {exc}") from None
 
 
+def check_expiry(document: Mapping[str, Any], what: str, now: float) -> None:
+    """A signed document past its ``expires`` is refused (the device clock decides; no network needed)."""
+    text = document.get("expires")
+    if text is None:
+        return
+    try:
+        expires = dt.datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+    except ValueError:
+        raise PolicySignatureError(
+            f"{what}: at /document/expires: {text!r} is not an RFC 3339 time", code=Code.POLICY_EXPIRED
+        ) from None
+    if expires.tzinfo is None:
+        raise PolicySignatureError(f"{what}: at /document/expires: no time zone", code=Code.POLICY_EXPIRED)
+    if expires.timestamp() <= now:
+        raise PolicySignatureError(
+            f"{what}: the signed document expired at {text} (device time "
+            f"{dt.datetime.fromtimestamp(now, dt.UTC):%Y-%m-%dT%H:%M:%SZ}); sign it again with a later expiry",
+            code=Code.POLICY_EXPIRED,
+        )
+
+
 def sign_policy(document: Mapping[str, Any], private_key: PrivateKey) -> dict[str, Any]:
     """Wrap a layer document in a signed envelope. The document must be valid and name version and target."""
     doc = dict(document)
@@ -126,6 +149,8 @@ class PolicyVerifier:
     key: PublicKey
     key_id: str
     algorithm: str
+    #: the device clock, for ``expires``
+    clock: Callable[[], float] = time.time
 
     @classmethod
     def from_pem(cls, pem: str | bytes, what: str = "policy signing key") -> PolicyVerifier:
@@ -178,4 +203,5 @@ class PolicyVerifier:
             raise PolicySignatureError(
                 f"{what}: signature does not verify: {exc}", code=Code.POLICY_SIGNATURE_INVALID
             ) from None
+        check_expiry(document, what, self.clock())
         return dict(document)

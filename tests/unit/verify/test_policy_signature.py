@@ -274,3 +274,27 @@ def test_helpers(p256: PrivateKey) -> None:
     assert target_for_layer("group:g", "d") == {"group": "g"}
     with pytest.raises(InputError):
         target_for_layer("group:", "d")
+
+
+# -- expiry ------------------------------------------------------------------------------------------
+
+
+def test_a_signed_document_past_its_expiry_is_refused_offline(p256: PrivateKey) -> None:
+    import dataclasses
+    import datetime as dt
+
+    now = dt.datetime(2026, 12, 1, tzinfo=dt.UTC).timestamp()
+    verifier = dataclasses.replace(verifier_for(p256), clock=lambda: now)
+    fresh = sign_policy(doc(expires="2026-12-02T00:00:00Z"), p256)
+    stale = sign_policy(doc(expires="2026-11-30T23:59:59Z"), p256)
+    assert verifier.verify(fresh)["expires"] == "2026-12-02T00:00:00Z"
+    with pytest.raises(PolicySignatureError, match="expired at 2026-11-30T23:59:59Z") as err:
+        verifier.verify(stale)
+    assert err.value.code == "policy-expired" and err.value.status == 403
+    # the expiry is signed: moving it changes what the signature covers
+    moved = {**stale, "document": {**stale["document"], "expires": "2027-01-01T00:00:00Z"}}
+    with pytest.raises(PolicySignatureError) as err:
+        verifier.verify(moved)
+    assert err.value.code == "policy-signature-invalid"
+    # and it is part of a layer document the policy schema accepts
+    assert PolicyGate("dev-1", verifier).accept(fresh).version == 3
