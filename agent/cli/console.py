@@ -182,16 +182,15 @@ def cmd_request(args: argparse.Namespace) -> int:
 # --- rollout -----------------------------------------------------------------------------------------
 
 
-def _passphrase(path: str | None) -> str | None:
-    if path is None:
-        return None
-    return _read_bytes(path, "passphrase file").decode("utf-8", "replace").rstrip("\r\n")
-
-
 def _load_signing_key(path: str, passphrase_file: str | None) -> Any:
+    from agent.cli.verify import _password
     from agent.verify.cosign.keys import load_private_key
 
-    return load_private_key(_read_bytes(path, "signing key"), _passphrase(passphrase_file) or "", what=path)
+    data = _read_bytes(path, "signing key")
+    # an encrypted key (cosign's format, or encrypted PKCS#8) needs its passphrase: from the file,
+    # $COSIGN_PASSWORD or the terminal, never a silent empty one
+    passphrase = _password(passphrase_file) if b"ENCRYPTED" in data else ""
+    return load_private_key(data, passphrase, what=path)
 
 
 def prepare_layer(doc: Any, group: str, sign_key: Any | None) -> tuple[dict[str, Any], int]:

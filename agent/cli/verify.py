@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -54,7 +56,7 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--passphrase-file",
         metavar="FILE",
-        help="file holding the key's password (default: $COSIGN_PASSWORD or empty)",
+        help="file holding the key's password (default: $COSIGN_PASSWORD, else asked on the terminal)",
     )
     _registry_flags(p)
     json_flag(p)
@@ -67,7 +69,7 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--passphrase-file",
         metavar="FILE",
-        help="file holding the password (default: $COSIGN_PASSWORD or empty)",
+        help="file holding the password (default: $COSIGN_PASSWORD, else asked on the terminal)",
     )
     p.add_argument("--force", action="store_true", help="overwrite existing files")
     json_flag(p)
@@ -136,11 +138,38 @@ def _read(path: str | None, what: str) -> str | None:
         raise InputError(f"{what} {path}: not a text (PEM) file") from None
 
 
-def _password(path: str | None) -> str:
+def _password(path: str | None, *, confirm: bool = False) -> str:
+    """The key passphrase, as cosign finds it: ``--passphrase-file``, else ``$COSIGN_PASSWORD`` (may be set
+    to empty on purpose), else a prompt on the terminal. Never a silent empty passphrase."""
     if path is not None:
         text = _read(path, "passphrase file")
         return (text or "").rstrip("\r\n")
-    return os.environ.get("COSIGN_PASSWORD", "")
+    if "COSIGN_PASSWORD" in os.environ:
+        return os.environ["COSIGN_PASSWORD"]
+    if not sys.stdin.isatty():
+        raise InputError(
+            "no passphrase: give --passphrase-file FILE or set COSIGN_PASSWORD (COSIGN_PASSWORD= for none), "
+            "or run on a terminal to be asked"
+        )
+    import getpass
+
+    first = getpass.getpass("Enter password for private key: ")
+    if confirm and getpass.getpass("Enter password for private key again: ") != first:
+        raise InputError("the passwords do not match")
+    return first
+
+
+def _write_private(path: Path, data: bytes, mode: int) -> None:
+    """Write a key file: never through a symlink, and with ``mode`` even when the file existed before."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise InputError(f"{path} is a symbolic link; refusing to write a key through it") from None
+        raise InputError(f"{path}: cannot write: {exc.strerror}") from None
+    with os.fdopen(fd, "wb") as fh:
+        os.fchmod(fh.fileno(), mode)
+        fh.write(data)
 
 
 def _identities(args: argparse.Namespace) -> tuple[Identity, ...]:
@@ -251,8 +280,11 @@ def cmd_sign(args: argparse.Namespace) -> int:
 
     cfg = load_config(args)
     ref = ImageRef.parse(args.image)
+    pem_text = _read(args.key, "key file") or ""
     key = load_private_key(
-        _read(args.key, "key file") or "", _password(args.passphrase_file), f"key {args.key}"
+        pem_text,
+        _password(args.passphrase_file) if "ENCRYPTED" in pem_text else "",
+        f"key {args.key}",
     )
     with _client(cfg, args, ref) as client:
         digest = client.resolve(ref)
@@ -275,11 +307,12 @@ def cmd_generate_key_pair(args: argparse.Namespace) -> int:
     for path in (key_path, pub_path):
         if path.exists() and not args.force:
             raise InputError(f"{path} exists; use --force to overwrite it")
-    private_pem, public_pem = generate_key_pair(_password(args.passphrase_file))
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(private_pem)
-    pub_path.write_bytes(public_pem)
+    for path in (key_path, pub_path):
+        if path.is_symlink():
+            raise InputError(f"{path} is a symbolic link; refusing to write a key through it")
+    private_pem, public_pem = generate_key_pair(_password(args.passphrase_file, confirm=True))
+    _write_private(key_path, private_pem, 0o600)
+    _write_private(pub_path, public_pem, 0o644)
     emit(
         args,
         {"private_key": str(key_path), "public_key": str(pub_path)},
