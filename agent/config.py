@@ -77,6 +77,8 @@ class RegistryConfig:
     password_env: str | None = None
     ca_bundle: Path | None = None
     insecure: bool = False
+    #: hosts that mirror this registry and may receive its credentials (only the configuration says so)
+    mirrors: tuple[str, ...] = ()
 
     def password(self) -> str | None:
         """Read the secret on use, never at load time, and never log it."""
@@ -204,6 +206,8 @@ def from_dict(data: dict[str, Any], source: str = "<dict>", base: Path | None = 
     registries = []
     for r in data.get("registries", ()):
         r = dict(r)
+        if "mirrors" in r:
+            r["mirrors"] = tuple(r["mirrors"])
         for key in ("password_file", "ca_bundle"):
             r[key] = _path(r.get(key), base)
         registries.append(RegistryConfig(**r))

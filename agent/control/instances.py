@@ -13,7 +13,7 @@ from agent.control.service import ApplyResult, Service
 from agent.core.instances import InstanceSpec, InstanceState
 from agent.core.policy import DEVICE_LAYER
 from agent.errors import Code, ControlError, ImageGuardError, NotFound, PolicyError
-from agent.runtime.instances import InstanceManager
+from agent.runtime.instances import InstanceManager, credentials_problem
 
 # ---- editing the declared instances (CLI and control plane) ---------------------------------------------
 
@@ -39,11 +39,8 @@ def delete_instance(service: Service, name: str, *, source: str) -> ApplyResult:
 
 def check_spec(config: Config, spec: InstanceSpec) -> None:
     """Checks that need the configuration or the crypto stack (the schema cannot know them)."""
-    if spec.registry_credentials is not None and config.registry(spec.registry_credentials) is None:
-        raise PolicyError(
-            f"instance {spec.name!r}: at /registry_credentials: no [[registries]] entry for host "
-            f"{spec.registry_credentials!r} in {config.source}"
-        )
+    if (problem := credentials_problem(config, spec)) is not None:
+        raise PolicyError(f"instance {spec.name!r}: at /registry_credentials: {problem}")
     if spec.inline_anchor is not None:
         from agent.verify.schemes import validator_for
 

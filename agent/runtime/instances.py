@@ -365,12 +365,9 @@ class InstanceManager:
     def _registries(self, spec: InstanceSpec) -> tuple[list[RegistryConfig], dict[str, str] | None]:
         """Registry entries for the lookup client, and the engine's auth for the pull."""
         host = spec.registry_credentials or spec.image.registry
+        if (problem := credentials_problem(self.config, spec)) is not None:
+            raise InstanceFailure(Code.CREDENTIALS_MISSING, problem)
         cfg = self.config.registry(host)
-        if spec.registry_credentials is not None and cfg is None:
-            raise InstanceFailure(
-                Code.CREDENTIALS_MISSING,
-                f"no [[registries]] entry for {host!r} in {self.config.source}",
-            )
         if cfg is None or cfg.username is None:
             return [], None
         try:
@@ -379,13 +376,16 @@ class InstanceManager:
             raise InstanceFailure(Code.CREDENTIALS_MISSING, str(exc)) from None
         extra = []
         if host != spec.image.registry:
+            # a declared mirror gets the credentials, never the connection settings: plain HTTP or a
+            # private CA apply only where the configuration names them for that host
             base = self.config.registry(spec.image.registry)
             extra.append(
                 replace(
                     cfg,
                     host=spec.image.registry,
-                    ca_bundle=base.ca_bundle if base else cfg.ca_bundle,
-                    insecure=base.insecure if base else cfg.insecure,
+                    mirrors=(),
+                    ca_bundle=base.ca_bundle if base else None,
+                    insecure=base.insecure if base else False,
                 )
             )
         return extra, auth
@@ -641,3 +641,23 @@ class InstanceManager:
 
 def _raise(failure: InstanceFailure) -> InstanceState:
     raise failure
+
+
+def credentials_problem(config: Config, spec: InstanceSpec) -> str | None:
+    """Why ``spec.registry_credentials`` may not be used for its image, or None.
+
+    Credentials go only to the host they are configured for, or to a mirror that host's own
+    ``[[registries]]`` entry declares (``mirrors``): a spec (maybe from MQTT) cannot send them elsewhere.
+    """
+    host = spec.registry_credentials
+    if host is None:
+        return None
+    cfg = config.registry(host)
+    if cfg is None:
+        return f"no [[registries]] entry for host {host!r} in {config.source}"
+    if host != spec.image.registry and spec.image.registry not in cfg.mirrors:
+        return (
+            f"the credentials for {host} go only to {host}, not to {spec.image.registry}; if that host "
+            f'mirrors {host}, say so in its [[registries]] entry: mirrors = ["{spec.image.registry}"]'
+        )
+    return None
