@@ -106,8 +106,13 @@ def check_remote_spec(ctx: ControlContext, spec: InstanceSpec) -> None:
 
 
 def check_partial_edit(ctx: ControlContext, what: str) -> None:
-    """Refuse piecemeal changes when the device requires signed whole-layer documents (403)."""
-    ctx.policy_gate.require_whole_document(what)
+    """Refuse piecemeal changes when the device requires signed whole-layer documents (403): logged,
+    counted and reported like any refused policy change."""
+    try:
+        ctx.policy_gate.require_whole_document(what)
+    except ImageGuardError as exc:
+        ctx.service.record_rejection(DEVICE_LAYER, None, exc, "mqtt")
+        raise
 
 
 # --- helpers ---------------------------------------------------------------------------------------------

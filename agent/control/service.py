@@ -211,6 +211,10 @@ class Service:
     def record_rejection(self, layer: str, version: int | None, error: ImageGuardError, source: str) -> None:
         """Report a refused change (bad document, rollback, bad signature) as policy telemetry."""
         log.warning("policy change for layer %s refused (%s): %s", layer, error.code, error)
+        try:
+            self.store.bump(f"policy_rejected.{error.code}")
+        except ImageGuardError as exc:  # read-only state: the log line above is the record
+            log.debug("cannot count the rejection: %s", exc)
         if not self.telemetry:
             return
         msg = policy_event(

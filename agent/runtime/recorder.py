@@ -84,7 +84,10 @@ class Recorder:
     def _put(self, write: _Write) -> None:
         with self._cond:
             if len(self._backlog) >= self.limit:
-                self._lose(self._backlog.popleft())
+                # the oldest record goes, but never the one the writer has in hand (it may yet be stored)
+                victim = 1 if self._busy and len(self._backlog) > 1 else 0
+                self._lose(self._backlog[victim])
+                del self._backlog[victim]
             self._backlog.append(write)
             self._cond.notify()
 
