@@ -180,6 +180,7 @@ class Store:
             self.problem = None
             old, self._reader = self._reader, self._open_reader()
             old.close()
+        log.warning("the state database %s is writable again (space was freed)", self.path)
         return True
 
     def _unusable(self, exc: sqlite3.DatabaseError) -> str:

@@ -64,7 +64,6 @@ class StateWatch:
         """One pass (the thread calls it; tests may too)."""
         store = self.store
         if store.read_only and store.try_writable():
-            log.warning("the state database is writable again (space was freed)")
             self._backup_wanted.set()
         problem = store.file_problem()
         if problem is not None:

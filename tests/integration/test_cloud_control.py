@@ -88,7 +88,7 @@ def test_every_resource_round_trip(env: Env, encoding: str, busybox_images: dict
     assert c.status("DEL", "allowlist", D_X)[0] == 404
 
     # trust anchors (an unreachable registry in scope, so EXEC verify has an anchor to use)
-    anchor = {"name": "release", "kind": "key", "pem": public_pem(), "scope": ["127.0.0.1:1/*"]}
+    anchor = {"name": "release", "kind": "key", "pem": public_pem(), "scope": ["127.0.0.1:1/**"]}
     assert c.ok("apply-result.reply", "PUT", "trust-anchors", "release", body=anchor)["status"] == "applied"
     names = [a["name"] for a in c.ok("get-trust-anchors.reply", "GET", "trust-anchors")["trust_anchors"]]
     assert names == ["release"]
