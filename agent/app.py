@@ -341,7 +341,8 @@ class Agent:
         if self.service.first_run and not self.config.enforcement.mode_configured:
             log.warning(
                 "no policy has been set on this device yet: running in AUDIT mode, nothing is stopped; allow "
-                "what should run (imageguard allowlist add --image REF, --from-running), then enforce with "
+                "what should run (imageguard allowlist add --from-running, --from-decisions or --image REF), "
+                "then enforce with "
                 "'imageguard enforcement --mode enforce'"
             )
         e = policy.enforcement

@@ -175,6 +175,7 @@ class EngineError(ImageGuardError):
     """The container engine did not answer or refused an action."""
 
     code = Code.ENGINE_UNAVAILABLE
+    exit_code = 3  # could not check
 
 
 class KeyMaterialError(InputError):
@@ -193,6 +194,7 @@ class RegistryUnreachable(RegistryError):
     """No answer from the registry (network down, DNS, TLS handshake, timeout)."""
 
     code = Code.REGISTRY_UNREACHABLE
+    exit_code = 3  # could not check
 
 
 class VerificationError(ImageGuardError):
@@ -232,6 +234,7 @@ class BrokerError(ImageGuardError):
     """The MQTT broker connection cannot do what was asked (not started, stopped, refused)."""
 
     code = Code.BROKER_ERROR
+    exit_code = 3  # could not check
 
 
 class PublishWindowFull(BrokerError):
@@ -263,4 +266,4 @@ class ReplyTimeout(BrokerError):
     """No reply to a console request within the timeout (the device may be offline or not subscribed)."""
 
     code = Code.REPLY_TIMEOUT
-    exit_code = 1
+    exit_code = 3  # could not check: the device did not answer

@@ -15,18 +15,21 @@ import docker.constants
 import docker.errors
 import requests
 
+from agent.core.digest import Digest
 from agent.core.facts import (
     PLUGIN_ACTIONS,
     ContainerEvent,
     ContainerFacts,
     ListedContainer,
     PluginEvent,
+    allowlist_digests,
     facts_for_create,
     facts_from_inspect,
     parse_event,
+    parse_repo_digest,
 )
 from agent.core.plugins import ManagedPlugin
-from agent.errors import EngineError
+from agent.errors import EngineError, ImageGuardError
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +202,21 @@ class Engine:
             while len(self._images) > 512:
                 self._images.popitem(last=False)
         return image
+
+    def image_digests(self, ref: str) -> tuple[Digest, ...]:
+        """What to allowlist for a local image (a tag, a digest reference or an id): its registry digests,
+        or its image id when it has none. Raises Gone when the engine has no such image."""
+        image: dict[str, Any] = self._call("inspect an image", self._client().inspect_image, ref)
+        repo_digests = [
+            parsed
+            for entry in image.get("RepoDigests") or ()
+            if isinstance(entry, str) and (parsed := parse_repo_digest(entry))
+        ]
+        try:
+            image_id: Digest | None = Digest.parse(str(image.get("Id", "")))
+        except ImageGuardError:
+            image_id = None
+        return allowlist_digests(repo_digests, image_id)
 
     def forget_image(self, image_id: str) -> bool:
         """Drop a cached image inspect; True if there was one."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from typing import Any
 
@@ -12,6 +13,7 @@ from agent.cli.common import (
     EXIT_NEGATIVE,
     EXIT_OK,
     emit,
+    format_table,
     json_flag,
     load_config,
     read_json_file,
@@ -20,6 +22,7 @@ from agent.cli.common import (
 from agent.config import Config
 from agent.control.service import ApplyResult, Service
 from agent.core.digest import Digest
+from agent.core.facts import allowlist_digests
 from agent.errors import EngineError, InputError, NotFound
 
 
@@ -44,8 +47,27 @@ def register(sub: Any) -> None:
     q = asub.add_parser("list", help="list the effective allowlist (device and fleet layers)")
     json_flag(q)
     q.set_defaults(handler=cmd_allowlist_list)
-    q = asub.add_parser("add", help="allow one or more digests")
-    q.add_argument("digests", nargs="+", metavar="DIGEST", help="sha256:<64 hex>")
+    q = asub.add_parser(
+        "add",
+        help="allow digests, local images, what runs now, or what audit mode would have blocked",
+        description="Sources can be combined. --from-running and --from-decisions show what they would add "
+        "and ask before changing anything (--yes to skip the question).",
+    )
+    q.add_argument("digests", nargs="*", metavar="DIGEST", help="sha256:<64 hex>")
+    q.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="REF",
+        help="a local image (tag, digest reference or id): its registry digests, or its id if it has none",
+    )
+    q.add_argument("--from-running", action="store_true", help="the images of every running container")
+    q.add_argument(
+        "--from-decisions",
+        action="store_true",
+        help="the images audit mode recorded as would-block (imageguard decisions)",
+    )
+    q.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
     q.add_argument("--comment", default="", help="why it is allowed (kept with the entry)")
     json_flag(q)
     q.set_defaults(handler=cmd_allowlist_add)
@@ -186,10 +208,73 @@ def cmd_allowlist_list(args: argparse.Namespace) -> int:
 
 
 def cmd_allowlist_add(args: argparse.Namespace) -> int:
-    digests = [Digest.parse(d) for d in args.digests]  # all or nothing: validate before changing
-    result = _service(load_config(args)).allowlist_add(digests, args.comment)
-    emit(args, result.to_dict(), _applied_text(result))
+    if not (args.digests or args.image or args.from_running or args.from_decisions):
+        raise InputError("name what to allow: DIGEST..., --image REF, --from-running or --from-decisions")
+    cfg = load_config(args)
+    # all or nothing: every source is read and validated before anything changes
+    found: dict[Digest, tuple[str, str]] = {}  # digest -> (where from, what)
+    for text in args.digests:
+        found.setdefault(Digest.parse(text), ("argument", text))
+    if args.image or args.from_running:
+        from agent.adapters.engine import Engine, Gone
+
+        engine = Engine(cfg.engine.url, cfg.engine.timeout_seconds)
+        for ref in args.image:
+            try:
+                digests = engine.image_digests(ref)
+            except Gone:
+                raise InputError(f"--image {ref}: the engine at {cfg.engine.url} has no such image") from None
+            for d in digests:
+                found.setdefault(d, ("image", ref))
+        if args.from_running:
+            for cid in engine.container_ids():
+                try:
+                    facts = engine.container_facts(cid)
+                except Gone:
+                    continue
+                if facts.state == "running":
+                    for d in allowlist_digests(facts.repo_digests, facts.image_id):
+                        found.setdefault(d, ("running", f"{facts.name} ({facts.image})"))
+    service = _service(cfg)
+    if args.from_decisions:
+        for _, rec in service.store.decisions(10_000):
+            if rec.get("verdict") == "would-block" and rec.get("digests"):
+                what = f"{rec['container'].get('name', '?')} ({rec.get('image', '?')})"
+                found.setdefault(Digest.parse(rec["digests"][0]), ("decisions", what))
+    held = {e.digest for e in service.layer().allowlist}
+    new = {d: src for d, src in found.items() if d not in held}
+    if not new:
+        emit(
+            args,
+            {"added": [], "already_allowed": [str(d) for d in found]},
+            "nothing to add: all already allowed",
+        )
+        return EXIT_OK
+    if (args.from_running or args.from_decisions) and not args.yes:
+        _confirm(new, args)
+    result = service.allowlist_add(list(new), args.comment)
+    emit(
+        args,
+        {
+            **result.to_dict(),
+            "added": [{"digest": str(d), "from": s, "what": w} for d, (s, w) in new.items()],
+        },
+        lambda: _applied_text(result) + f"; added {len(new)} digests",
+    )
     return EXIT_OK
+
+
+def _confirm(new: dict[Digest, tuple[str, str]], args: argparse.Namespace) -> None:
+    """Show what would be allowed and ask; off a terminal, --yes is required."""
+    print(
+        format_table(("DIGEST", "FROM", "WHAT"), [(str(d), s, w) for d, (s, w) in new.items()]),
+        file=sys.stderr,
+    )
+    if not sys.stdin.isatty():
+        raise InputError(f"would allow the {len(new)} digests above; run again with --yes to do it")
+    answer = input(f"Allow these {len(new)} digests? [y/N] ").strip().lower()
+    if answer not in ("y", "yes"):
+        raise InputError("nothing changed")
 
 
 def cmd_allowlist_remove(args: argparse.Namespace) -> int:
@@ -351,12 +436,22 @@ def cmd_decisions(args: argparse.Namespace) -> int:
     rows = [rec for _, rec in service.store.decisions(args.limit)]
 
     def text() -> str:
-        return (
-            "\n".join(
-                f"{r['time']}  {r['verdict']:<11} {r['container']['name'][:28]:<28} {r['image'][:36]:<36} {r['reason']}"
+        if not rows:
+            return "no decisions recorded"
+        return format_table(
+            ("TIME", "VERDICT", "CONTAINER", "IMAGE", "REASON", "DIGEST"),
+            (
+                (
+                    r["time"],
+                    r["verdict"],
+                    r["container"].get("name", "")[:28],
+                    r.get("image", "")[:40],
+                    r["reason"],
+                    # the digest to allow (imageguard allowlist add DIGEST)
+                    (r.get("digests") or ["-"])[0],
+                )
                 for r in rows
-            )
-            or "no decisions recorded"
+            ),
         )
 
     emit(args, {"decisions": rows}, text)

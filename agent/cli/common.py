@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,8 @@ from agent import config as config_mod
 from agent.core.anchors import TrustAnchor
 from agent.errors import InputError
 
-EXIT_OK, EXIT_NEGATIVE, EXIT_ERROR = 0, 1, 2
+#: 0 ok, 1 a negative result, 2 usage or input error, 3 could not check (engine, registry, broker)
+EXIT_OK, EXIT_NEGATIVE, EXIT_ERROR, EXIT_UNAVAILABLE = 0, 1, 2, 3
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -59,3 +60,14 @@ def warn_issuer_only(anchors: Iterable[TrustAnchor]) -> None:
                 "OIDC provider); add --certificate-identity[-regexp] to say who may sign",
                 file=sys.stderr,
             )
+
+
+def format_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """An aligned table with a header row; the last column is never padded (it may be long)."""
+    table = [[str(c) for c in header], *([str(c) for c in row] for row in rows)]
+    widths = [max(len(r[i]) for r in table) for i in range(len(header) - 1)]
+    lines = []
+    for r in table:
+        cells = [c.ljust(w) for c, w in zip(r, widths, strict=False)] + r[len(widths) :]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)

@@ -4,7 +4,8 @@ The console reads the same TOML configuration as the agent: ``[mqtt]`` (url, acc
 and ``[device] id``, which is the console's own client id (e.g. ``console-1``, the reply topics' level).
 
 Exit codes of ``console request``: 0 for response.code 200; 2 for 400 or 403 (the device refused the
-request); 1 for any other code (404, 500, ...) and when no reply came within ``--timeout``.
+request); 1 for any other code (404, 500, ...); 3 when it could not ask (broker unreachable, no reply within
+``--timeout``).
 ``console rollout``: 0 when every device that answered (and every expected one) holds the version (applied,
 or unchanged because it already had it); 1 otherwise (rejected, offline, no answer, nobody answered).
 """

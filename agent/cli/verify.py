@@ -11,7 +11,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.cli.common import EXIT_NEGATIVE, EXIT_OK, emit, json_flag, load_config, warn_issuer_only
+from agent.cli.common import (
+    EXIT_NEGATIVE,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    emit,
+    json_flag,
+    load_config,
+    warn_issuer_only,
+)
 from agent.config import Config, RegistryConfig
 from agent.control.service import Service
 from agent.core.anchors import Identity, TrustAnchor
@@ -261,14 +269,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if result.verified is not None:
             v = result.verified
             return f"VALID {ref.name}@{v.digest}\n  anchor:    {v.anchor}\n  signature: {v.origin}\n  signer:    {v.description}"
+        verdict = "COULD NOT CHECK" if result.unreachable else "NOT VALID"
         return (
-            f"NOT VALID {ref}"
+            f"{verdict} {ref}"
             + (f"@{result.digest}" if result.digest and not ref.digest else "")
             + "".join(f"\n  - {r}" for r in result.reasons)
         )
 
     emit(args, result.to_dict(), text)
-    return EXIT_OK if result.verified is not None else EXIT_NEGATIVE
+    if result.verified is not None:
+        return EXIT_OK
+    # a registry that did not answer says nothing about the signature: not "not valid"
+    return EXIT_UNAVAILABLE if result.unreachable else EXIT_NEGATIVE
 
 
 def cmd_sign(args: argparse.Namespace) -> int:

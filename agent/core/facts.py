@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -230,3 +230,17 @@ def facts_from_event(event: ContainerEvent) -> ContainerFacts:
         except ImageGuardError:
             image_id = None
     return ContainerFacts(event.container_id, event.name, event.image, image_id, repo_digests, "gone")
+
+
+def allowlist_digests(
+    repo_digests: Iterable[tuple[ImageRef, Digest]], image_id: Digest | None
+) -> tuple[Digest, ...]:
+    """The digests to allowlist for an image: its registry (manifest) digests, which name the same content
+    on every device; a local build that was never pushed or pulled has only its image id."""
+    out: list[Digest] = []
+    for _, d in repo_digests:
+        if d not in out:
+            out.append(d)
+    if not out and image_id is not None:
+        out.append(image_id)
+    return tuple(out)

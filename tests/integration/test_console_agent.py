@@ -60,4 +60,4 @@ def test_round_trips_and_exit_codes(fleet: Fleet) -> None:
         assert json.loads(out.stdout)["response.code"] == response_code, args
 
     out = fleet.console("request", "edge-404", "GET", "status", "--timeout", "1")
-    assert out.returncode == 1 and "no reply from edge-404" in out.stderr
+    assert out.returncode == 3 and "no reply from edge-404" in out.stderr

@@ -307,3 +307,50 @@ def test_the_first_run_removes_nothing(engine: Dockerd, tmp_path: Path) -> None:
     finally:
         assert proc.stop() == 0, proc.log()
         engine.docker("rm", "-f", "was-here", check=False)
+
+
+def test_building_the_allowlist_from_what_is_there(
+    engine: Dockerd, tmp_path: Path, busybox_images: dict[str, str]
+) -> None:
+    """Issue 14: from a first run in audit mode to enforcing, without a container lost on the way."""
+    config = write_config(
+        tmp_path / "config.toml",
+        {
+            "device": {"id": "new-device"},
+            "engine": {"url": engine.url},
+            "state": {"dir": str(tmp_path / "state")},
+        },
+        first_run_audit=True,
+    )
+    engine.docker("run", "-d", "--name", "workload", ALLOWED)
+    proc = AgentProcess(config, tmp_path / "agent.log").start()
+    try:
+        engine.docker("run", "-d", "--name", "late", OTHER)
+        wait_for(
+            lambda: "late" in {d["container"]["name"] for d in decisions(config)}, 10, what="audit record"
+        )
+        # the digest to allow is in the decisions table
+        table = cli(config, "decisions", check=True).stdout
+        assert table.splitlines()[0].split() == ["TIME", "VERDICT", "CONTAINER", "IMAGE", "REASON", "DIGEST"]
+        assert busybox_images[OTHER] in table
+        # off a terminal, --from-running asks for --yes and changes nothing
+        refused = cli(config, "allowlist", "add", "--from-running")
+        assert refused.returncode == 2 and "--yes" in refused.stderr
+        assert busybox_images[ALLOWED] in refused.stderr  # the preview
+        assert json.loads(cli(config, "allowlist", "list", "--json").stdout)["allowlist"] == []
+        out = json.loads(cli(config, "allowlist", "add", "--image", ALLOWED, "--json", check=True).stdout)
+        assert [a["digest"] for a in out["added"]] == [busybox_images[ALLOWED]]
+        out = json.loads(
+            cli(config, "allowlist", "add", "--from-decisions", "--yes", "--json", check=True).stdout
+        )
+        assert [a["digest"] for a in out["added"]] == [busybox_images[OTHER]]
+        again = cli(config, "allowlist", "add", "--from-running", "--yes", check=True).stdout
+        assert "nothing to add" in again
+        cli(config, "enforcement", "--mode", "enforce", check=True)
+        proc.wait_log("scan done: 2 containers, 0 not allowed")  # the rescan enforcing starts
+        assert running(engine, "workload") and running(engine, "late")
+        missing = cli(config, "allowlist", "add", "--image", "no/such:image")
+        assert missing.returncode == 2 and "no such image" in missing.stderr
+    finally:
+        assert proc.stop() == 0, proc.log()
+        engine.docker("rm", "-f", "workload", "late", check=False)

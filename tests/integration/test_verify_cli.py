@@ -448,13 +448,13 @@ def test_unreachable_registry(plain: Plain) -> None:
     host = f"127.0.0.1:{free_port()}"
     image = f"{host}/app@{plain.signed_digest}"
     code, doc = verify_json(plain.config, image, "--key", str(plain.pub), "--insecure-registry", host)
-    assert code == 1 and doc["reason"] == "registry-unreachable", doc
+    assert code == 3 and doc["reason"] == "registry-unreachable", doc  # could not check, not "not valid"
     assert any("unreachable" in r and host in r for r in doc["reasons"]), doc["reasons"]
     # by tag: the tag cannot be resolved either
     code, doc = verify_json(
         plain.config, f"{host}/app:1", "--key", str(plain.pub), "--insecure-registry", host
     )
-    assert code == 1 and doc["reason"] == "registry-unreachable" and doc["digest"] is None
+    assert code == 3 and doc["reason"] == "registry-unreachable" and doc["digest"] is None
 
 
 # ---- HTTPS from a test CA + htpasswd basic auth -------------------------------------------------------------
@@ -548,6 +548,6 @@ def test_tls_without_credentials_or_ca(tls: Tls, plain: Plain) -> None:
     assert code == 1 and doc["reason"] == "signature-invalid", doc
     assert any("requires a login" in r for r in doc["reasons"]), doc["reasons"]
     code, doc = verify_json(tls.config_nothing, tls.image, "--key", str(plain.pub))
-    assert code == 1 and doc["reason"] == "registry-unreachable", doc
+    assert code == 3 and doc["reason"] == "registry-unreachable", doc
     assert any("TLS" in r and "ca_bundle" in r for r in doc["reasons"]), doc["reasons"]
     assert tls.server.password not in json.dumps(doc)
