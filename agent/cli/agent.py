@@ -247,7 +247,7 @@ def cmd_allowlist_add(args: argparse.Namespace) -> int:
         emit(
             args,
             {"added": [], "already_allowed": [str(d) for d in found]},
-            "nothing to add: all already allowed",
+            "nothing new: all already allowed",
         )
         return EXIT_OK
     if (args.from_running or args.from_decisions) and not args.yes:

@@ -1,6 +1,7 @@
 """The ``imageguard`` command line: parse arguments, call the library, print. Nothing else lives here.
 
-Exit codes: 0 success, 1 a negative result (something blocked, not valid, not found), 2 usage or input error.
+Exit codes: 0 success, 1 a negative result (something blocked, not valid, not found), 2 usage or input error,
+3 could not check (engine, registry or broker unreachable).
 """
 
 from __future__ import annotations
@@ -25,18 +26,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="imageguard",
         description="Lets only trusted container images run on this device.",
-        epilog="Exit codes: 0 success, 1 negative result, 2 usage or input error.",
+        epilog="Exit codes: 0 success, 1 negative result, 2 usage or input error, 3 could not check "
+        "(engine, registry or broker unreachable). The configuration file can also be named by "
+        "IMAGEGUARD_CONFIG.",
     )
     parser.add_argument("--version", action="version", version=f"imageguard {__version__}")
     parser.add_argument(
         "--config",
         metavar="FILE",
-        help=f"configuration file (default {config_mod.DEFAULT_CONFIG_PATH} if present)",
+        default=os.environ.get("IMAGEGUARD_CONFIG") or None,
+        help=f"configuration file (default $IMAGEGUARD_CONFIG, else {config_mod.DEFAULT_CONFIG_PATH} if present)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in (agent, verify, console, doctor, instances, state):
         module.register(sub)
+    _config_everywhere(parser)
     return parser
+
+
+def _config_everywhere(parser: argparse.ArgumentParser) -> None:
+    """``--config`` after the subcommand too (``imageguard status --config F``); given there, it wins."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in dict.fromkeys(action.choices.values()):
+                subparser.add_argument(
+                    "--config", metavar="FILE", default=argparse.SUPPRESS, help="configuration file"
+                )
+                _config_everywhere(subparser)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

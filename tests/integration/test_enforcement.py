@@ -345,7 +345,7 @@ def test_building_the_allowlist_from_what_is_there(
         )
         assert [a["digest"] for a in out["added"]] == [busybox_images[OTHER]]
         again = cli(config, "allowlist", "add", "--from-running", "--yes", check=True).stdout
-        assert "nothing to add" in again
+        assert "nothing new" in again
         cli(config, "enforcement", "--mode", "enforce", check=True)
         proc.wait_log("scan done: 2 containers, 0 not allowed")  # the rescan enforcing starts
         assert running(engine, "workload") and running(engine, "late")

@@ -216,7 +216,14 @@ def test_allowlist_add_is_all_or_nothing(cli: Cli, bad: str) -> None:
 def test_allowlist_add_normalises_and_lists(cli: Cli) -> None:
     code, out, _ = cli.run("allowlist", "add", "--json", f"  {D1.upper()} ", D2, "--comment", "base")
     assert code == 0
-    assert json.loads(out) == {"layer": "device", "version": 1, "status": "applied", "revoked": 0}
+    doc = json.loads(out)
+    assert {k: doc[k] for k in ("layer", "version", "status", "revoked")} == {
+        "layer": "device",
+        "version": 1,
+        "status": "applied",
+        "revoked": 0,
+    }
+    assert [a["from"] for a in doc["added"]] == ["argument", "argument"]
     code, out, _ = cli.run("allowlist", "list", "--json")
     listed = json.loads(out)
     assert {e["digest"] for e in listed["allowlist"]} == {D1, D2}
@@ -299,7 +306,6 @@ def test_help_via_python_m() -> None:
         [],
         ["nonsense"],
         ["allowlist"],
-        ["allowlist", "add"],
         ["decisions", "--limit", "0"],
         ["enforcement", "--mode", "x"],
     ],
@@ -309,6 +315,11 @@ def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]
         main(argv)
     assert exc.value.code == 2
     assert "usage:" in capsys.readouterr().err
+
+
+def test_allowlist_add_without_anything_to_add_exits_2(cli: Cli) -> None:
+    code, _, err = cli.run("allowlist", "add")
+    assert code == 2 and "--from-running" in err
 
 
 @pytest.mark.parametrize(
@@ -359,3 +370,21 @@ def test_policy_diff_dry_run_and_reset(cli: Cli) -> None:
     assert after["version"] == 1 and after["allowlist"] == before["allowlist"]
     code, _, err = cli.run("policy", "reset", "--version", "-1")
     assert code == 2 and "--version" in err
+
+
+def test_config_is_accepted_anywhere_and_from_the_environment(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    missing = tmp_path / "nope.toml"
+    for argv in (
+        ["--config", str(missing), "allowlist", "list"],
+        ["allowlist", "list", "--config", str(missing)],
+    ):
+        assert main(argv) == 2
+        assert str(missing) in capsys.readouterr().err
+    monkeypatch.setenv("IMAGEGUARD_CONFIG", str(missing))
+    assert main(["allowlist", "list"]) == 2
+    assert str(missing) in capsys.readouterr().err
+    other = tmp_path / "other.toml"
+    assert main(["allowlist", "list", "--config", str(other)]) == 2  # the command line wins
+    assert str(other) in capsys.readouterr().err
