@@ -497,12 +497,16 @@ def check_transport(mqtt: MqttConfig) -> None:
         )
 
 
-def policy_service(config: Config) -> Service:
-    """The policy service a CLI command edits through; it wakes the running agent after a change."""
+def policy_service(config: Config, *, reading: bool = False) -> Service:
+    """The policy service a CLI command edits through; it wakes the running agent after a change.
+
+    ``reading``: the command only reads, and creates no state directory or database when there is none.
+    """
     store = Store(
         config.state_dir,
         outbox_limit=config.mqtt.outbox_limit if config.mqtt else 10_000,
         read_only_fallback=True,  # a full disk: reading commands work, edits say why they cannot
+        create=not reading,
     )
     held = read_lock(config.state_dir / LOCK_NAME)
     if held and "db_id" in held and (held.get("db_id"), held.get("inode")) != (store.db_id, store.inode):
@@ -546,7 +550,7 @@ def preview_policy(config: Config, doc: Any, layer_name: str = "device") -> dict
     from agent.core.policy import PolicyLayer, layer_diff
     from agent.errors import ImageGuardError
 
-    service = policy_service(config)
+    service = policy_service(config, reading=True)
     try:
         new = PolicyLayer.from_document(doc, layer_name, what="policy document")
         current = service.layer(layer_name)

@@ -84,6 +84,7 @@ class Store:
         outbox_limit: int = 10_000,
         busy_timeout: float = 10.0,
         read_only_fallback: bool = False,
+        create: bool = True,
     ) -> None:
         self.state_dir = state_dir
         self.path = state_dir / DB_NAME
@@ -100,8 +101,15 @@ class Store:
         self.problem: str | None = None
         #: rows that could not be decoded in this process, per table (also in the ``poison_rows`` table)
         self.poison: dict[str, int] = {}
-        _prepare_dir(state_dir)
-        _refuse_lost_state(self.path, self.backup_path)
+        #: ``create=False`` and no database yet: an empty state in memory, so that a reading command leaves
+        #: no files behind (and reads what a fresh install holds: nothing)
+        self._memory: str | None = None
+        if not create and not self.path.exists():
+            _refuse_lost_state(self.path, self.backup_path)
+            self._memory = f"file:imageguard-{uuid.uuid4().hex}?mode=memory&cache=shared"
+        else:
+            _prepare_dir(state_dir)
+            _refuse_lost_state(self.path, self.backup_path)
         #: no database existed: a fresh install
         self.fresh = not self.path.exists()
         self._db: sqlite3.Connection | None
@@ -118,13 +126,17 @@ class Store:
             )
         self._reader = self._open_reader()
         self.db_id = str(self._read_meta("db_id") or "")
-        self.inode = self.path.stat().st_ino
+        self.inode = self.path.stat().st_ino if self._memory is None else 0
 
     @property
     def read_only(self) -> bool:
         return self._db is None
 
     def _open_writable(self) -> sqlite3.Connection:
+        if self._memory is not None:
+            db = sqlite3.connect(self._memory, uri=True, isolation_level=None, check_same_thread=False)
+            self._init(db)
+            return db
         old_umask = os.umask(0o077)
         try:
             db = sqlite3.connect(
@@ -144,6 +156,8 @@ class Store:
         return db
 
     def _open_reader(self) -> sqlite3.Connection:
+        if self._memory is not None:
+            return sqlite3.connect(self._memory, uri=True, check_same_thread=False)
         if self._db is not None:
             reader = sqlite3.connect(
                 f"file:{self.path}?mode=ro", uri=True, timeout=self.busy_timeout, check_same_thread=False
@@ -224,7 +238,7 @@ class Store:
         elif tables:
             raise StateError(f"{self.path} is an SQLite database, but not an ImageGuard state database")
         mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if mode != "wal":
+        if mode != "wal" and self._memory is None:
             raise StateError(f"state database {self.path}: cannot switch to WAL mode (got {mode})")
         db.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: consistent after any crash
         db.execute("PRAGMA foreign_keys = ON")

@@ -136,10 +136,10 @@ def _positive(text: str) -> int:
     return value
 
 
-def _service(cfg: Config) -> Service:
+def _service(cfg: Config, *, reading: bool = False) -> Service:
     from agent.app import policy_service
 
-    return policy_service(cfg)
+    return policy_service(cfg, reading=reading)
 
 
 def _applied_text(r: ApplyResult) -> str:
@@ -191,7 +191,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
 
 def cmd_allowlist_list(args: argparse.Namespace) -> int:
-    service = _service(load_config(args))
+    service = _service(load_config(args), reading=True)
     entries = []
     for layer in service.store.layers():
         for e in layer.allowlist:
@@ -289,7 +289,8 @@ def cmd_allowlist_remove(args: argparse.Namespace) -> int:
 
 
 def cmd_enforcement(args: argparse.Namespace) -> int:
-    service = _service(load_config(args))
+    changing = args.enabled is not None or args.mode is not None
+    service = _service(load_config(args), reading=not changing)
     if args.enabled is not None or args.mode is not None:
         result = service.set_enforcement(enabled=args.enabled, mode=args.mode)
         if not args.json:
@@ -360,7 +361,7 @@ def _show_preview(args: argparse.Namespace, doc: Any, layer: str) -> int:
 
 
 def cmd_policy_export(args: argparse.Namespace) -> int:
-    service = _service(load_config(args))
+    service = _service(load_config(args), reading=True)
     emit(args, service.export_policy(args.layer), "")
     return EXIT_OK
 
@@ -374,7 +375,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from agent.app import LOCK_NAME, read_lock
 
     cfg = load_config(args)
-    service = _service(cfg)
+    service = _service(cfg, reading=True)
     agent = read_lock(cfg.state_dir / LOCK_NAME)
     engine: dict[str, Any] = {"url": cfg.engine.url}
     try:
@@ -432,7 +433,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_decisions(args: argparse.Namespace) -> int:
-    service = _service(load_config(args))
+    service = _service(load_config(args), reading=True)
     rows = [rec for _, rec in service.store.decisions(args.limit)]
 
     def text() -> str:

@@ -52,10 +52,10 @@ def register(sub: Any) -> None:
     q.set_defaults(handler=cmd_update)
 
 
-def _service(cfg: Config) -> Service:
+def _service(cfg: Config, *, reading: bool = False) -> Service:
     from agent.app import policy_service
 
-    return policy_service(cfg)
+    return policy_service(cfg, reading=reading)
 
 
 def _applied(results: list[tuple[str, ApplyResult]]) -> str:
@@ -82,7 +82,7 @@ def _table(views: list[dict[str, Any]]) -> str:
 def cmd_list(args: argparse.Namespace) -> int:
     from agent.control.instances import instance_views
 
-    views = instance_views(_service(load_config(args)))
+    views = instance_views(_service(load_config(args), reading=True))
     emit(args, {"instances": views}, lambda: _table(views))
     return EXIT_OK
 
@@ -90,7 +90,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     from agent.control.instances import instance_views
 
-    views = [v for v in instance_views(_service(load_config(args))) if v["name"] == args.name]
+    views = [v for v in instance_views(_service(load_config(args), reading=True)) if v["name"] == args.name]
     if not views:
         emit(args, {"error": {"code": "not-found", "message": f"no instance {args.name!r}"}}, "")
         print(f"imageguard: no instance {args.name!r} is declared")

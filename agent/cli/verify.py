@@ -255,7 +255,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if args.ca:
             anchors.append(_anchor_from_flags(args, _flag_name("ca", args.ca), None, ("*",)))
     else:
-        policy = Service(cfg, Store(cfg.state_dir)).effective()
+        policy = Service(cfg, Store(cfg.state_dir, create=False)).effective()
         anchors = list(policy.anchors_for(ref))
         if not anchors:
             raise InputError(
@@ -333,14 +333,14 @@ def cmd_generate_key_pair(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _service(args: argparse.Namespace) -> Service:
+def _service(args: argparse.Namespace, *, reading: bool = False) -> Service:
     from agent.app import policy_service
 
-    return policy_service(load_config(args))
+    return policy_service(load_config(args), reading=reading)
 
 
 def cmd_anchors_list(args: argparse.Namespace) -> int:
-    service = _service(args)
+    service = _service(args, reading=True)
     anchors = []
     for layer in service.store.layers():
         for a in layer.trust_anchors:

@@ -388,3 +388,25 @@ def test_config_is_accepted_anywhere_and_from_the_environment(
     other = tmp_path / "other.toml"
     assert main(["allowlist", "list", "--config", str(other)]) == 2  # the command line wins
     assert str(other) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["status"],
+        ["decisions"],
+        ["allowlist", "list"],
+        ["anchors", "list"],
+        ["policy", "export"],
+        ["enforcement"],
+        ["instances", "list"],
+    ],
+)
+def test_reading_commands_create_no_state(cli: Cli, argv: list[str]) -> None:
+    cli.run(*argv)
+    assert not (cli.dir / "state").exists(), "a reading command left state behind"
+
+
+def test_an_edit_creates_the_state(cli: Cli) -> None:
+    assert cli.run("allowlist", "add", D1)[0] == 0
+    assert (cli.dir / "state" / "state.db").exists()
