@@ -92,7 +92,14 @@ def check_engine(config: Config, facts: Facts) -> Check:
     except EngineError as exc:
         facts.engine_error = str(exc)
         hint = "start dockerd, or set [engine] url to its socket"
-        if config.preventive.enabled and not facts.plugin_answers:
+        socket_path = Path(url.removeprefix("unix://")) if url.startswith("unix://") else None
+        if socket_path is not None and socket_path.exists() and not os.access(socket_path, os.R_OK | os.W_OK):
+            # dockerd is there; this user may not talk to it
+            hint = (
+                f"this user (uid {os.geteuid()}) may not use {socket_path}: run as root or as a member of "
+                "its group (usually docker)"
+            )
+        elif config.preventive.enabled and not facts.plugin_answers:
             hint = (
                 "the agent's authorization plugin does not answer: if dockerd uses it, dockerd holds every "
                 f"request for {DOCKERD_PLUGIN_RETRY} and then refuses it; start the agent"
@@ -295,7 +302,18 @@ def check_state_dir(state_dir: Path) -> Check:
         problems.append(f"owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})")
     if st.st_mode & 0o077:
         problems.append(f"mode {stat.S_IMODE(st.st_mode):04o} lets other users in")
-    for child in sorted(state_dir.iterdir()):
+    try:
+        children = sorted(state_dir.iterdir())
+    except PermissionError:
+        # private to its owner, as it should be: this user cannot look inside
+        return Check(
+            "state directory",
+            "warn" if not problems else "fail",
+            f"{state_dir} is not readable by this user (uid {os.geteuid()})"
+            + (f"; {'; '.join(problems)}" if problems else ""),
+            "run imageguard doctor as root (or the agent's user) to check it",
+        )
+    for child in children:
         try:
             cst = child.lstat()
         except OSError:

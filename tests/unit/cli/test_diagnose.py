@@ -72,3 +72,36 @@ def test_broker(tmp_path: Path) -> None:
         assert check_broker(cfg).status == "ok"
     closed = check_broker(cfg)
     assert closed.status == "fail" and f"127.0.0.1:{port}" in closed.detail
+
+
+def test_a_state_directory_this_user_cannot_read_is_a_hint_not_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a non-root user sees (root reads any directory, so the refusal is simulated here)."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+
+    def refuse(self: Path) -> None:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "iterdir", refuse)
+    check = check_state_dir(state)
+    assert check.status == "warn" and "not readable by this user" in check.detail
+    assert check.hint and "as root" in check.hint
+
+
+def test_a_socket_this_user_may_not_use_gets_the_group_hint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agent.cli.diagnose import check_engine
+
+    path = tmp_path / "docker.sock"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != path)  # as a user outside its group
+    cfg = config_mod.from_dict({"engine": {"url": f"unix://{path}", "timeout_seconds": 1}})
+    try:
+        check = check_engine(cfg, Facts())
+    finally:
+        server.close()
+    assert check.status == "fail" and check.hint and "docker" in check.hint and "may not use" in check.hint
