@@ -388,6 +388,10 @@ class Agent:
         self.reload()
 
     def _on_event(self, event: ContainerEvent) -> None:
+        if event.action != "start":  # a managed instance's container ended: recreate it
+            if self.instances is not None and event.instance:
+                self.instances.container_gone(event.instance)
+            return
         assert self.enforcer is not None
         self.enforcer.submit(event.container_id, "start", event)
 

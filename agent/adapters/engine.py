@@ -321,7 +321,9 @@ class Engine:
     def open_events(self, since: str | None) -> EventStream:
         """Open the event stream (container starts, plugin installs), replaying from ``since`` if given."""
         client = self._new_client(None)
-        filters = {"type": ["container", "plugin"], "event": ["start", *PLUGIN_ACTIONS]}
+        # die/destroy: only those of managed instances are kept (ContainerEvent.from_raw), so that a removed
+        # or exited instance is recreated at once
+        filters = {"type": ["container", "plugin"], "event": ["start", "die", "destroy", *PLUGIN_ACTIONS]}
         stream = self._call("stream events", client.events, since=since, filters=filters, decode=True)
         return EventStream(client, stream)
 

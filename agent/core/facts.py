@@ -11,6 +11,10 @@ from agent.core.digest import Digest
 from agent.core.imageref import ImageRef
 from agent.errors import ImageGuardError
 
+#: the labels of managed instances' containers (agent/core/instances.py)
+MANAGED_LABEL = "dev.imageguard.managed"
+INSTANCE_LABEL = "dev.imageguard.instance"
+
 
 @dataclass(frozen=True, slots=True)
 class ContainerEvent:
@@ -21,6 +25,8 @@ class ContainerEvent:
     time_nano: int
     image: str = ""
     name: str = ""
+    #: the managed instance the container belongs to ("" for any other)
+    instance: str = ""
 
     @classmethod
     def from_raw(cls, raw: Mapping[str, Any]) -> ContainerEvent | None:
@@ -28,13 +34,14 @@ class ContainerEvent:
         if raw.get("Type") != "container":
             return None
         action = raw.get("Action") or raw.get("status") or ""
-        if action != "start":
-            return None
         actor = raw.get("Actor") or {}
+        attrs = actor.get("Attributes") or {}
+        # starts of every container; the end of a managed instance's container (it is recreated)
+        if action != "start" and not (action in ("die", "destroy") and attrs.get(MANAGED_LABEL) == "true"):
+            return None
         cid = actor.get("ID") or raw.get("id")
         if not isinstance(cid, str) or not cid:
             return None
-        attrs = actor.get("Attributes") or {}
         time_nano = raw.get("timeNano")
         if not isinstance(time_nano, int):
             t = raw.get("time")
@@ -45,6 +52,7 @@ class ContainerEvent:
             time_nano=time_nano,
             image=str(attrs.get("image", "")),
             name=str(attrs.get("name", "")),
+            instance=str(attrs.get(INSTANCE_LABEL, "")),
         )
 
 

@@ -21,13 +21,14 @@ from typing import Any, Literal
 
 from agent.core.anchors import TrustAnchor
 from agent.core.digest import Digest
+from agent.core.facts import INSTANCE_LABEL, MANAGED_LABEL
 from agent.core.imageref import ImageRef
 from agent.core.schemas import validate
 from agent.errors import Code, DigestError, ImageRefError, SchemaError
 
 #: labels every managed container carries (the enforcement loop and ``docker ps`` can tell them apart)
-LABEL_MANAGED = "dev.imageguard.managed"
-LABEL_INSTANCE = "dev.imageguard.instance"
+LABEL_MANAGED = MANAGED_LABEL
+LABEL_INSTANCE = INSTANCE_LABEL
 #: hash of what the container was created from: a different value means "recreate"
 LABEL_CONFIG = "dev.imageguard.config"
 RESERVED_LABEL_PREFIX = "dev.imageguard."

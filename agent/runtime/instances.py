@@ -73,6 +73,8 @@ class PolicySource(Protocol):
 UPDATE_PREFIX = b"iu:"
 RETRY_MIN_SECONDS = 2.0
 RETRY_MAX_SECONDS = 60.0
+#: a container that ends again within this long of the last time counts as a crash loop (backoff)
+FLAP_WINDOW_SECONDS = 60.0
 MAX_STEPS = 8  # per instance and pass: a plan converges in at most five
 
 
@@ -128,6 +130,9 @@ class InstanceManager:
         self._tickets: dict[str, list[Ticket]] = {}
         self._retry_at: dict[str, float] = {}
         self._backoff: dict[str, float] = {}
+        #: instance -> (times its container ended within FLAP_WINDOW_SECONDS of the last, when last)
+        self._flaps: dict[str, tuple[int, float]] = {}
+        self._asked = True  # the first pass runs at start
         self.passes = 0
         self._thread = threading.Thread(target=self._run, name="instances", daemon=True)
 
@@ -146,13 +151,32 @@ class InstanceManager:
                     t.done.set()
 
     def wake(self) -> None:
+        self._asked = True
         self._wake.set()
+
+    def container_gone(self, name: str) -> None:
+        """A container of instance ``name`` died or was removed: recreate it now, or, when it keeps ending
+        (a crash loop), after a backoff that doubles up to RETRY_MAX_SECONDS."""
+        now = self.clock()
+        with self._lock:
+            count, last = self._flaps.get(name, (-1, 0.0))
+            count = count + 1 if now - last < FLAP_WINDOW_SECONDS else 0
+            self._flaps[name] = (count, now)
+        if count == 0:
+            self.wake()
+            return
+        delay = min(RETRY_MAX_SECONDS, RETRY_MIN_SECONDS * 2 ** (count - 1))
+        log.warning(
+            "instance %s: its container ended again (%d times); recreating in %.1fs", name, count + 1, delay
+        )
+        self._retry_at[name] = now + delay
+        self._wake.set()  # only the schedule changed: the loop computes its next deadline again
 
     def request_update(self, name: str, ticket_id: str | None = None) -> Ticket:
         ticket = Ticket(name, ticket_id or uuid.uuid4().hex[:8], threading.Event())
         with self._lock:
             self._tickets.setdefault(name, []).append(ticket)
-        self._wake.set()
+        self.wake()
         return ticket
 
     def on_message(self, data: bytes) -> bool:
@@ -170,10 +194,13 @@ class InstanceManager:
             timeout = self._next_deadline() - self.clock()
             # at least a second between deadline-driven passes: a deadline that stays in the past
             # (an engine that keeps failing) must not spin
-            self._wake.wait(timeout=max(1.0, min(timeout, 3600.0)))
+            fired = self._wake.wait(timeout=max(1.0, min(timeout, 3600.0)))
             if self._stop.is_set():
                 return
             self._wake.clear()
+            if fired and not self._asked and self._next_deadline() > self.clock():
+                continue  # a new deadline was set (container_gone): wait for it
+            self._asked = False
             try:
                 self.reconcile()
             except Exception as exc:  # engine or store down: try again later

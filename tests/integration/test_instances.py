@@ -479,3 +479,41 @@ def test_status_changes_and_rejection_alert_arrive_over_the_broker(
         assert container(engine, "tele") is not None  # still running on v1
     finally:
         assert agent.stop() == 0, agent.log()
+
+
+def test_a_removed_or_exited_managed_container_is_recreated_at_once(
+    setup: Setup, agent: AgentProcess, tmp_path: Path
+) -> None:
+    """Issue 14: self-healing from the engine's events, not the hourly check."""
+    engine = setup.engine
+    d1 = setup.push("it/heal", "stable", "heal-v1", sign=True)
+    spec = {**web_spec(setup, "it/heal"), "name": "heal"}
+    assert setup.apply(spec, tmp_path).returncode == 0
+    setup.wait_status("heal", "running", pinned_digest=str(d1))
+    first = container(engine, "heal")
+    assert first is not None
+    engine.docker("rm", "-f", "heal")
+    wait_for(
+        lambda: (
+            (c := container(engine, "heal")) is not None and c["Id"] != first["Id"] and c["State"]["Running"]
+        ),
+        15,
+        what="the removed container to be recreated",
+    )
+    second = container(engine, "heal")
+    assert second is not None
+    wait_for(
+        lambda: (
+            json.loads(cli(setup.config, "instances", "show", "heal", "--json").stdout).get("container_id")
+            == second["Id"]
+        ),
+        10,
+        what="the status to name the new container",
+    )
+    engine.docker("kill", "heal")  # it exits: started again
+    wait_for(
+        lambda: (c := container(engine, "heal")) is not None and c["State"]["Running"],
+        15,
+        what="the exited container to run again",
+    )
+    agent.wait_log("instance heal")
