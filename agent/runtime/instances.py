@@ -53,6 +53,7 @@ from agent.errors import (
     RegistryError,
     RegistryUnreachable,
 )
+from agent.logs import Quiet
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,9 @@ class InstanceManager:
         #: instance -> (times its container ended within FLAP_WINDOW_SECONDS of the last, when last)
         self._flaps: dict[str, tuple[int, float]] = {}
         self._asked = True  # the first pass runs at start
+        self._quiet = Quiet(log)
+        #: managed containers were seen in the last pass (they are looked at until none is left)
+        self._containers_seen = True
         self.passes = 0
         self._thread = threading.Thread(target=self._run, name="instances", daemon=True)
 
@@ -203,8 +207,14 @@ class InstanceManager:
             self._asked = False
             try:
                 self.reconcile()
+                self._quiet.ok("managed instances: reconciling works again")
             except Exception as exc:  # engine or store down: try again later
-                log.error("reconciling managed instances failed: %s (retrying)", exc)
+                self._quiet.log(
+                    logging.ERROR,
+                    type(exc).__name__,
+                    "reconciling managed instances failed: %s (retrying)",
+                    exc,
+                )
                 self._retry_at["*"] = self.clock() + RETRY_MIN_SECONDS * 5
             self.passes += 1
 
@@ -224,11 +234,16 @@ class InstanceManager:
         # deadlines reached are handled by this pass (a failure sets a new one)
         self._retry_at = {k: t for k, t in self._retry_at.items() if t > now}
         specs = {s.name: s for s in self.service.layer(DEVICE_LAYER).instances}
-        policy = self.service.effective()
         states = self.store.instance_states()
+        with self._lock:
+            asked = bool(self._tickets)
+        if not specs and not states and not asked and not self._containers_seen:
+            return  # nothing declared, stored or asked: the engine need not be asked either
+        policy = self.service.effective()
         running = {
             c.labels.get(LABEL_INSTANCE, "") for c in self.engine.labelled_containers(f"{LABEL_MANAGED}=true")
         }
+        self._containers_seen = bool(running - {""})
         with self._lock:
             tickets, self._tickets = self._tickets, {}
         for name in sorted(set(specs) | set(states) | (running - {""}) | set(tickets)):

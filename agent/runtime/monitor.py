@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from agent.adapters.engine import Engine, EventStream
 from agent.core.facts import ContainerEvent, PluginEvent
+from agent.logs import Quiet
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ class Monitor:
         self._stop = threading.Event()
         self._stream: EventStream | None = None
         self._lock = threading.Lock()
+        #: an engine that stays down is logged once, then every few minutes with a count
+        self._quiet = Quiet(log)
         self._thread = threading.Thread(target=self._run, name="monitor", daemon=True)
         self.reconnects = 0
 
@@ -67,11 +70,18 @@ class Monitor:
             try:
                 stream = self.engine.open_events(since)
             except Exception as exc:
-                log.warning("cannot follow engine events (%s); retrying in %.1fs", exc, backoff)
+                self._quiet.log(
+                    logging.WARNING,
+                    "open",
+                    "cannot follow engine events (%s); retrying in %.1fs",
+                    exc,
+                    backoff,
+                )
                 self.connected.clear()
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self.max_backoff)
                 continue
+            self._quiet.ok("following engine events again")
             with self._lock:
                 self._stream = stream
             if self._stop.is_set():

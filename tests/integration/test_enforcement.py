@@ -354,3 +354,24 @@ def test_building_the_allowlist_from_what_is_there(
     finally:
         assert proc.stop() == 0, proc.log()
         engine.docker("rm", "-f", "workload", "late", check=False)
+
+
+def test_log_lines_carry_their_priority_when_stderr_is_the_journal(
+    setup: tuple[Path, Dockerd], tmp_path: Path
+) -> None:
+    """systemd names the journal stream in JOURNAL_STREAM; the agent then prefixes every line with its syslog
+    priority, as journald expects (here the "journal" is the log file, named the same way)."""
+    config, engine = setup
+    log = tmp_path / "journal.log"
+    log.touch()
+    st = log.stat()
+    proc = AgentProcess(config, log, env={"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}).start()
+    try:
+        engine.docker("run", "-d", "--name", "ranked", OTHER)
+        proc.wait_log("blocked container ranked")
+    finally:
+        assert proc.stop() == 0
+    lines = [line for line in log.read_text().splitlines() if line]
+    assert all(line[:3] in ("<3>", "<4>", "<6>", "<7>") for line in lines), lines[:5]
+    assert any(line.startswith("<4>") and "blocked container ranked" in line for line in lines)
+    assert any(line.startswith("<6>") and "ImageGuard" in line for line in lines)

@@ -77,6 +77,7 @@ class AgentProcess:
     log_path: Path
     extra_args: list[str] = field(default_factory=list)
     wrapper: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self, wait_scan: bool = True, timeout: float = 30) -> AgentProcess:
@@ -96,7 +97,7 @@ class AgentProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=REPO,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
             )
         if wait_scan:
             self.wait_log("scan done", timeout=timeout)

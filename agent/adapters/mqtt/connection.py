@@ -44,6 +44,7 @@ from agent.adapters.mqtt.kurapayload import KuraMessage
 from agent.adapters.mqtt.topics import Topics
 from agent.config import MqttConfig
 from agent.errors import BrokerError, ConfigError, PublishWindowFull
+from agent.logs import Quiet
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +211,8 @@ class MqttConnection:
         self._max_in_flight = max_in_flight
         self._host, self._port, self._tls = broker_address(config.url)
         self._backoff = Backoff(config.reconnect_min_seconds, config.reconnect_max_seconds, rng)
+        #: a broker that stays away is logged once, then every few minutes with a count
+        self._quiet = Quiet(log)
         self._lock = threading.Lock()
         self._state = "new"  # new -> running -> stopping -> stopped
         self._connected = threading.Event()
@@ -388,8 +391,11 @@ class MqttConnection:
 
     def _on_connect(self, client: paho.Client, _u: Any, flags: Any, reason: ReasonCode, _p: Any) -> None:
         if reason.is_failure:
-            log.error("mqtt: broker refused the connection: %s", reason)
+            self._quiet.log(
+                logging.ERROR, f"refused {reason}", "mqtt: broker refused the connection: %s", reason
+            )
             return
+        self._quiet.ok("mqtt: the broker answers again")
         self.connect_count += 1
         self._backoff.reset()
         self._set_delay(self.config.reconnect_min_seconds)
@@ -409,7 +415,14 @@ class MqttConnection:
 
     def _on_connect_fail(self, _c: paho.Client, _u: Any) -> None:
         delay = self._backoff.next()
-        log.warning("mqtt: cannot reach %s:%d; retrying in %.1fs", self._host, self._port, delay)
+        self._quiet.log(
+            logging.WARNING,
+            "unreachable",
+            "mqtt: cannot reach %s:%d; retrying in %.1fs",
+            self._host,
+            self._port,
+            delay,
+        )
         self._set_delay(delay)
 
     def _on_disconnect(self, _c: paho.Client, _u: Any, _f: Any, reason: ReasonCode, _p: Any) -> None:
