@@ -5,6 +5,7 @@ No other module knows every other one.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import ipaddress
 import json
@@ -18,9 +19,11 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from agent import __version__
+from agent import __version__, logs
+from agent import config as config_mod
 from agent.adapters.engine import Engine
 from agent.adapters.store import Store
+from agent.adapters.systemd import Notifier
 from agent.adapters.wakeup import DatabaseWatch, Listener, notify_agent
 from agent.config import Config, MqttConfig
 from agent.control.service import Service
@@ -190,6 +193,14 @@ class LazyVerifier:
         self._real: Verifier | None = None
         self._lock = threading.Lock()
 
+    def configure(self, config: Config) -> None:
+        """A reloaded configuration (registries): the next verification builds a verifier with it."""
+        with self._lock:
+            self._config = config
+            old, self._real = self._real, None
+        if (close := getattr(old, "close", None)) is not None:
+            close()
+
     def verify(self, targets: tuple[VerifyTarget, ...], timeout: float) -> VerificationOutcome:
         with self._lock:
             if self._real is None:
@@ -233,6 +244,8 @@ class Agent:
         self.cloud: CloudConnection | None = None
         #: optional parts that could not start, and why (shown by ``status``)
         self.disabled: dict[str, str] = {}
+        self.systemd = Notifier()
+        self._reload_wanted = threading.Event()
 
     def _make_cloud(self) -> CloudConnection:
         # paho and the control plane load only with [mqtt]
@@ -465,19 +478,90 @@ class Agent:
         log.info("ImageGuard stopped")
 
     def run_forever(self) -> None:
-        """Run until SIGTERM or SIGINT."""
+        """Run until SIGTERM or SIGINT; SIGHUP reloads the configuration. Under systemd (``Type=notify``)
+        it reports readiness once it enforces, and pings the watchdog while its lanes answer."""
 
         def on_signal(signum: int, _frame: FrameType | None) -> None:
             log.info("received %s, stopping", signal.Signals(signum).name)
             self._stopping.set()
 
+        def on_hup(_signum: int, _frame: FrameType | None) -> None:
+            self._reload_wanted.set()
+            self._stopping.set()  # wakes the main loop, which tells a reload from a stop
+
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGHUP, on_hup)
         self.start()
+        self.systemd.ready(self._status_line())
+        if self.enforcer is not None:
+            self.systemd.start_watchdog(self.enforcer.responsive)
         try:
-            self._stopping.wait()
+            while True:
+                self._stopping.wait()
+                if not self._reload_wanted.is_set():
+                    break
+                self._reload_wanted.clear()
+                self._stopping.clear()
+                self.reload_config()
         finally:
+            self.systemd.stopping()
+            self.systemd.stop()
             self.stop()
+
+    def _status_line(self) -> str:
+        policy = self.enforcer.policy if self.enforcer is not None else self.service.effective()
+        e = policy.enforcement
+        mode = f"mode {e.mode}" if e.enabled else "enforcement off"
+        return f"{mode}, policy version {policy.version}, {len(policy.allowlist)} allowlisted digests" + (
+            f"; DISABLED: {', '.join(self.disabled)}" if self.disabled else ""
+        )
+
+    def reload_config(self) -> None:
+        """SIGHUP: read the configuration again. Logging, the enforcement settings and the registries
+        change at once; what needs a restart (engine, state, MQTT, preventive mode) is named in the log.
+        A configuration that does not load changes nothing."""
+        self.systemd.reloading()
+        path = None if self.config.source == "<embedded default>" else Path(self.config.source)
+        try:
+            new = config_mod.load(path)
+        except ImageGuardError as exc:
+            log.error("configuration not reloaded, the running one stays: %s", exc)
+            self.systemd.ready(self._status_line())
+            return
+        old = self.config
+        needs_restart = [
+            name
+            for name, a, b in (
+                ("engine", old.engine, new.engine),
+                ("state", old.state_dir, new.state_dir),
+                ("mqtt", old.mqtt, new.mqtt),
+                ("preventive", old.preventive, new.preventive),
+                ("device", old.device, new.device),
+            )
+            if a != b
+        ]
+        logs.setup(new.logging.level, new.logging.format)
+        self.config = dataclasses.replace(
+            new,
+            engine=old.engine,
+            state_dir=old.state_dir,
+            mqtt=old.mqtt,
+            preventive=old.preventive,
+            device=old.device,
+        )
+        self.service.config = self.config
+        if self.enforcer is not None:
+            self.enforcer.settings = self.config.enforcement
+        if isinstance(self._verifier, LazyVerifier):
+            self._verifier.configure(self.config)
+        log.info(
+            "configuration reloaded from %s%s",
+            self.config.source,
+            f"; restart to apply the changes to: {', '.join(needs_restart)}" if needs_restart else "",
+        )
+        self.reload()
+        self.systemd.ready(self._status_line())
 
 
 # -- parts for one-shot commands (the CLI): built here too, so that nothing else wires the agent --------

@@ -123,6 +123,14 @@ class Lanes:
         self._queues[zlib.crc32(key.encode()) % len(self._queues)].put(job)
         return fut
 
+    def responsive(self, timeout: float) -> bool:
+        """Every lane runs a no-op within ``timeout`` (none is stuck): the watchdog's health check."""
+        done = [threading.Event() for _ in self._queues]
+        for q, event in zip(self._queues, done, strict=True):
+            q.put(event.set)
+        end = time.monotonic() + timeout
+        return all(event.wait(max(0.0, end - time.monotonic())) for event in done)
+
     def close(self) -> None:
         for q in self._queues:
             q.put(None)
@@ -301,6 +309,10 @@ class Enforcer:
             except ImageGuardError as exc:
                 log.error("scan: %s", exc)
         return results
+
+    def responsive(self, timeout: float) -> bool:
+        """Whether decisions are being made (every lane answers within ``timeout``)."""
+        return self._lanes.responsive(timeout)
 
     def close(self) -> None:
         self._verifications.shutdown(wait=False, cancel_futures=True)
