@@ -38,6 +38,7 @@ from agent.runtime.recorder import Recorder
 from agent.runtime.statewatch import StateWatch
 
 if TYPE_CHECKING:
+    from agent.adapters.httpd import LocalHttpServer
     from agent.control.cloud import CloudConnection
     from agent.runtime.authz import AuthzServer
 
@@ -245,6 +246,7 @@ class Agent:
         #: optional parts that could not start, and why (shown by ``status``)
         self.disabled: dict[str, str] = {}
         self.systemd = Notifier()
+        self.metrics_server: LocalHttpServer | None = None
         self._reload_wanted = threading.Event()
 
     def _make_cloud(self) -> CloudConnection:
@@ -351,6 +353,11 @@ class Agent:
         self.monitor.start()
         if self.cloud is not None:  # after the enforcer: requests and fleet layers may act at once
             self.cloud.start()
+        if self.config.metrics.enabled:
+            try:
+                self._start_metrics()
+            except Exception as exc:  # an optional part: never stops enforcement
+                self.disable("metrics", exc)
         if self.service.first_run and not self.config.enforcement.mode_configured:
             log.warning(
                 "no policy has been set on this device yet: running in AUDIT mode, nothing is stopped; allow "
@@ -373,13 +380,37 @@ class Agent:
                 "the allowlist is empty and no trust anchor is configured: every container will be blocked"
             )
 
+    def _start_metrics(self) -> None:
+        # prometheus-client loads only when the endpoint is on (bench/footprint.py measures both)
+        from agent.adapters.httpd import LocalHttpServer
+        from agent.runtime.metrics import AgentMetrics, Sources
+
+        assert self.enforcer is not None and self.monitor is not None
+        monitor, cloud = self.monitor, self.cloud
+        metrics = AgentMetrics(
+            Sources(
+                store=self.store,
+                enforcer=self.enforcer,
+                recorder=self.recorder,
+                engine_connected=monitor.connected.is_set,
+                mqtt_connected=(lambda: cloud.connection.is_connected)
+                if cloud is not None
+                else (lambda: None),
+            )
+        )
+        self.metrics_server = LocalHttpServer(
+            self.config.metrics.listen, {"/metrics": metrics.render, "/healthz": metrics.health}
+        )
+        self.metrics_server.start()
+        log.info("metrics on http://%s/metrics, health on /healthz", self.metrics_server.address)
+
     def disable(self, part: str, exc: BaseException) -> None:
         """An optional part cannot start: say so loudly, record it for ``status``, keep enforcing."""
         detail = str(exc) if isinstance(exc, ImageGuardError) else f"{type(exc).__name__}: {exc}"
         self.disabled[part] = detail
         log.error(
             "%s is DISABLED: %s; the agent enforces without it until this is fixed and it is restarted",
-            part.upper() if part == "mqtt" else part,
+            part.upper(),
             detail,
         )
         self.lock.describe(self.store, disabled=self.disabled)
@@ -460,6 +491,8 @@ class Agent:
         self._stopping.set()
         if self.cloud is not None:  # first: waits for in-flight telemetry acks, then MQTT/DC
             self.cloud.stop()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         for part in (self.instances, self.monitor, self.scanner):
             if part is not None:
                 part.stop()

@@ -64,6 +64,15 @@ class PreventiveConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """The optional HTTP endpoint: ``/metrics`` (Prometheus text format) and ``/healthz``."""
+
+    enabled: bool = False
+    #: host:port; loopback by default, so that nothing is exposed unless the configuration says so
+    listen: str = "127.0.0.1:9464"
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = "info"
     format: Literal["text", "json"] = "text"
@@ -138,6 +147,7 @@ class Config:
     preventive: PreventiveConfig = field(default_factory=PreventiveConfig)
     registries: tuple[RegistryConfig, ...] = ()
     mqtt: MqttConfig | None = None
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: str = "<embedded default>"
 
     def registry(self, host: str) -> RegistryConfig | None:
@@ -226,6 +236,7 @@ def from_dict(data: dict[str, Any], source: str = "<dict>", base: Path | None = 
         preventive=_preventive(data.get("preventive", {})),
         registries=tuple(registries),
         mqtt=mqtt,
+        metrics=MetricsConfig(**data.get("metrics", {})),
         source=source,
     )
 

@@ -122,6 +122,12 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser("decisions", help="recent decisions, newest first")
     p.add_argument("--limit", type=_positive, default=20, help="how many (default 20)")
+    p.add_argument(
+        "--follow",
+        "-f",
+        action="store_true",
+        help="then print new decisions as they are made, oldest first (with --json: one object per line)",
+    )
     json_flag(p)
     p.set_defaults(handler=cmd_decisions)
 
@@ -432,28 +438,65 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK if healthy else EXIT_NEGATIVE
 
 
+_DECISION_COLUMNS = ("TIME", "VERDICT", "CONTAINER", "IMAGE", "REASON", "DIGEST")
+
+
+def _decision_row(r: dict[str, Any]) -> tuple[str, ...]:
+    return (
+        r["time"],
+        r["verdict"],
+        r["container"].get("name", "")[:28],
+        r.get("image", "")[:40],
+        r["reason"],
+        (r.get("digests") or ["-"])[0],  # the digest to allow (imageguard allowlist add DIGEST)
+    )
+
+
 def cmd_decisions(args: argparse.Namespace) -> int:
-    service = _service(load_config(args), reading=True)
+    cfg = load_config(args)
+    if args.follow:
+        return _follow_decisions(cfg, args)
+    service = _service(cfg, reading=True)
     rows = [rec for _, rec in service.store.decisions(args.limit)]
 
     def text() -> str:
         if not rows:
             return "no decisions recorded"
-        return format_table(
-            ("TIME", "VERDICT", "CONTAINER", "IMAGE", "REASON", "DIGEST"),
-            (
-                (
-                    r["time"],
-                    r["verdict"],
-                    r["container"].get("name", "")[:28],
-                    r.get("image", "")[:40],
-                    r["reason"],
-                    # the digest to allow (imageguard allowlist add DIGEST)
-                    (r.get("digests") or ["-"])[0],
-                )
-                for r in rows
-            ),
-        )
+        return format_table(_DECISION_COLUMNS, (_decision_row(r) for r in rows))
 
     emit(args, {"decisions": rows}, text)
     return EXIT_OK
+
+
+def _follow_decisions(cfg: Config, args: argparse.Namespace, interval: float = 0.5) -> int:
+    """The last ``--limit`` decisions, then each new one as it is stored, until interrupted."""
+    import json as json_mod
+
+    from agent.adapters.store import DB_NAME
+
+    while not (cfg.state_dir / DB_NAME).exists():  # nothing yet: wait for the agent to create it
+        time.sleep(interval)
+    service = _service(cfg, reading=True)
+    last = 0
+    widths = [25, 11, 28, 40, 26]
+
+    def show(rec: dict[str, Any]) -> None:
+        if args.json:
+            print(json_mod.dumps(rec, sort_keys=True), flush=True)
+        else:
+            row = _decision_row(rec)
+            print(
+                "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1], flush=True
+            )
+
+    if not args.json:
+        print("  ".join(c.ljust(w) for c, w in zip(_DECISION_COLUMNS, widths, strict=False)) + "  DIGEST")
+    for seq, rec in reversed(service.store.decisions(args.limit)):
+        show(rec)
+        last = max(last, seq)
+    while True:
+        time.sleep(interval)
+        newer = [(seq, rec) for seq, rec in service.store.decisions(1000) if seq > last]
+        for seq, rec in reversed(newer):
+            show(rec)
+            last = max(last, seq)

@@ -185,6 +185,8 @@ class Enforcer:
         #: containers allowed at some point (bounded): only these get a grace period when they lose that
         self._allowed_once: dict[str, None] = {}
         self._lock = threading.Lock()
+        #: called with (seconds, verified) after each verification (metrics)
+        self.on_verification: Callable[[float, bool], None] | None = None
         #: containers waiting off their lane for a verification (agent/runtime/verification.py)
         self._verifying: set[str] = set()
         self._lanes = Lanes(lanes)
@@ -309,6 +311,12 @@ class Enforcer:
             except ImageGuardError as exc:
                 log.error("scan: %s", exc)
         return results
+
+    @property
+    def pending_retries(self) -> int:
+        """Containers whose decision or removal failed and waits for its retry."""
+        with self._lock:
+            return len(self._attempts)
 
     def responsive(self, timeout: float) -> bool:
         """Whether decisions are being made (every lane answers within ``timeout``)."""
@@ -755,6 +763,13 @@ class Enforcer:
         return None
 
     def _run_verifier(self, targets: tuple[VerifyTarget, ...]) -> VerificationOutcome:
+        started = time.monotonic()
+        outcome = self._call_verifier(targets)
+        if self.on_verification is not None:
+            self.on_verification(time.monotonic() - started, outcome.verified is not None)
+        return outcome
+
+    def _call_verifier(self, targets: tuple[VerifyTarget, ...]) -> VerificationOutcome:
         if self.verifier is None:
             outcome = VerificationOutcome(
                 None, Code.VERIFICATION_ERROR, "signature verification is not available"

@@ -58,12 +58,19 @@ class Recorder:
         #: why storage does not answer, while it does not
         self.problem: str | None = None
         self.failures = 0
+        self._listeners: list[Callable[[DecisionRecord], None]] = []
         self._thread = threading.Thread(target=self._run, name="recorder", daemon=True)
         self._thread.start()
 
     # -- what the enforcer hands over ----------------------------------------------------------------
 
+    def add_listener(self, fn: Callable[[DecisionRecord], None]) -> None:
+        """``fn(record)`` for every decision handed over (metrics); keep it short."""
+        self._listeners.append(fn)
+
     def decision(self, record: DecisionRecord, telemetry: Iterable[OutboxMessage] = ()) -> None:
+        for listener in self._listeners:
+            listener(record)
         messages = tuple(telemetry)
         self._put(
             _Write(

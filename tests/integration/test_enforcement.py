@@ -7,6 +7,7 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -375,3 +376,46 @@ def test_log_lines_carry_their_priority_when_stderr_is_the_journal(
     assert all(line[:3] in ("<3>", "<4>", "<6>", "<7>") for line in lines), lines[:5]
     assert any(line.startswith("<4>") and "blocked container ranked" in line for line in lines)
     assert any(line.startswith("<6>") and "ImageGuard" in line for line in lines)
+
+
+def test_decisions_follow_prints_each_new_decision(agent: AgentProcess, setup: tuple[Path, Dockerd]) -> None:
+    import subprocess
+    import sys
+    import threading
+
+    config, engine = setup
+    follower = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "agent",
+            "--config",
+            str(config),
+            "decisions",
+            "--follow",
+            "--json",
+            "--limit",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    lines: list[dict[str, Any]] = []
+
+    def read() -> None:
+        assert follower.stdout is not None
+        for line in follower.stdout:
+            lines.append(json.loads(line))
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        engine.docker("run", "-d", "--name", "followed", OTHER)
+        wait_for(
+            lambda: any(r["container"]["name"] == "followed" for r in lines), 15, what="the followed decision"
+        )
+        assert [r["verdict"] for r in lines if r["container"]["name"] == "followed"] == ["blocked"]
+    finally:
+        follower.terminate()
+        follower.wait(timeout=10)
+        if follower.stdout is not None:
+            follower.stdout.close()
