@@ -41,6 +41,8 @@ from harness import (
     row,
 )
 
+from tests.support.ports import free_port
+
 ALLOWED = "imageguard-bench/allowed:1"
 BLOCKED = "imageguard-bench/blocked:1"
 GOAL_RSS_MB = 40.0
@@ -53,7 +55,14 @@ def _kb(text: str) -> float:
 
 
 def idle_footprint(
-    url: str, api_c: docker.APIClient, allowed_id: str, work: Path, args: argparse.Namespace, *, anchors: bool
+    url: str,
+    api_c: docker.APIClient,
+    allowed_id: str,
+    work: Path,
+    args: argparse.Namespace,
+    *,
+    anchors: bool,
+    metrics: bool = False,
 ) -> bool:
     for cid in create_containers(api_c, ALLOWED, 5, "fp-allowed") + create_containers(
         api_c, BLOCKED, 2, "fp-blocked"
@@ -66,10 +75,14 @@ def idle_footprint(
     if anchors:  # the example key anchor: its policy is parsed, but local images never need a verification
         example = json.loads((REPO / "deploy" / "policy.example.json").read_text())
         policy["trust_anchors"] = example["trust_anchors"]
-    agent = AgentProcess(url, work / f"idle-{anchors}", grace=1, env=args.env, python_args=args.python_arg)
+    tag = f"{anchors}-{metrics}"
+    extra = f'\n[metrics]\nenabled = true\nlisten = "127.0.0.1:{free_port()}"\n' if metrics else ""
+    agent = AgentProcess(
+        url, work / f"idle-{tag}", grace=1, env=args.env, python_args=args.python_arg, extra_config=extra
+    )
     # imported by the CLI beforehand, as on a device (the systemd unit runs no --policy)
-    (work / f"policy-{anchors}.json").write_text(json.dumps(policy))
-    agent.cli("policy", "import", str(work / f"policy-{anchors}.json"))
+    (work / f"policy-{tag}.json").write_text(json.dumps(policy))
+    agent.cli("policy", "import", str(work / f"policy-{tag}.json"))
     idle = args.idle
     agent.launch()
     try:
@@ -86,7 +99,9 @@ def idle_footprint(
     rss = _kb(st["VmRSS"])
     cpu = (c1 - c0) / CLK_TCK / (t1 - t0) * 100
     tuning = " ".join([*(f"{k}={v}" for k, v in args.env.items()), *args.python_arg]) or "none"
-    what = "allowlist + 1 trust anchor" if anchors else "allowlist only"
+    what = ("allowlist + 1 trust anchor" if anchors else "allowlist only") + (
+        ", metrics endpoint on" if metrics else ""
+    )
     print(
         f"\nIdle footprint, policy: {what} (after the start-up scan of 7 containers: 5 allowlisted, 2 not;"
         f" tuning: {tuning})"
@@ -236,6 +251,8 @@ def main() -> int:
         api = client(d)
         ok = idle_footprint(d.url, api, allowed_id, Path(tmp), args, anchors=False)
         ok = idle_footprint(d.url, api, allowed_id, Path(tmp), args, anchors=True) and ok
+        # the cost of the optional endpoint, reported (not held to the floor: it is opt-in)
+        idle_footprint(d.url, api, allowed_id, Path(tmp), args, anchors=False, metrics=True)
         if not args.skip_launch:
             ok = launch_to_enforcing(d.url, api, Path(tmp), args) and ok
         api.close()

@@ -203,6 +203,8 @@ class AgentProcess:
     #: extra environment variables and interpreter options (to try tuning such as MALLOC_ARENA_MAX or -OO)
     env: dict[str, str] = field(default_factory=dict)
     python_args: list[str] = field(default_factory=list)
+    #: more TOML appended to the configuration (e.g. a [metrics] section)
+    extra_config: str = ""
     proc: subprocess.Popen[bytes] | None = None
     launched_ns: int = 0
     lines: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
@@ -215,7 +217,7 @@ class AgentProcess:
         cfg.write_text(
             f'[device]\nid = "bench"\n\n[engine]\nurl = "{self.engine_url}"\n\n[state]\ndir = "{state}"\n\n'
             f'[enforcement]\nmode = "enforce"\nstop_grace_seconds = {self.grace}\n\n'
-            '[logging]\nlevel = "info"\nformat = "json"\n'
+            '[logging]\nlevel = "info"\nformat = "json"\n' + self.extra_config
         )
         return cfg
 
