@@ -88,6 +88,8 @@ class RegistryConfig:
     insecure: bool = False
     #: hosts that mirror this registry and may receive its credentials (only the configuration says so)
     mirrors: tuple[str, ...] = ()
+    #: HTTP(S) proxy for this registry (default: HTTPS_PROXY / HTTP_PROXY / NO_PROXY from the environment)
+    proxy: str | None = None
 
     def password(self) -> str | None:
         """Read the secret on use, never at load time, and never log it."""

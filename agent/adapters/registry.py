@@ -34,6 +34,7 @@ import requests.adapters
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
+from agent.adapters.dockerhost import DockerHost
 from agent.config import Config, RegistryConfig
 from agent.core.digest import Digest
 from agent.core.imageref import DEFAULT_REGISTRY, ImageRef
@@ -323,7 +324,11 @@ class RegistryClient:
         max_manifest_bytes: int = 4 * MiB,
         max_blob_bytes: int = 1 * MiB,
         max_redirects: int = 5,
+        docker_host: DockerHost | None = None,
     ) -> None:
+        #: what the host's Docker knows (credentials, certs.d, insecure registries), for hosts the
+        #: configuration does not name; None: nothing from outside the configuration
+        self.docker_host = docker_host
         merged = {r.host: r for r in (config.registries if config else ())}
         merged.update({r.host: r for r in registries})
         self._registries = merged
@@ -544,6 +549,8 @@ class RegistryClient:
     # ---- transport ------------------------------------------------------------------------------
 
     def _base_url(self, host: str) -> str:
+        if host not in self._registries and self.docker_host is not None and self.docker_host.insecure(host):
+            self._insecure.add(host)  # dockerd's insecure-registries, for a host the configuration omits
         scheme = "http" if host in self._insecure else "https"
         return f"{scheme}://{'registry-1.docker.io' if host == DEFAULT_REGISTRY else host}/v2/"
 
@@ -554,13 +561,24 @@ class RegistryClient:
             if not cfg.ca_bundle.is_file():
                 raise ConfigError(f"registry {host}: ca_bundle {cfg.ca_bundle} does not exist")
             return str(cfg.ca_bundle)
+        if cfg is None and self.docker_host is not None and (ca := self.docker_host.ca_bundle(netloc)):
+            return str(ca)  # /etc/docker/certs.d/<host>/, as dockerd trusts it
         return True
 
     def _credentials(self, host: str) -> tuple[str, str] | None:
         cfg = self._registries.get(host)
         if cfg is None or cfg.username is None:
-            return None
+            # the configuration names no credentials: ~/.docker/config.json's, as the docker CLI reads them
+            return self.docker_host.credentials(host) if self.docker_host is not None else None
         return cfg.username, cfg.password() or ""
+
+    def _proxies(self, url: str, host: str) -> dict[str, str]:
+        """The registry's ``proxy`` setting, else HTTPS_PROXY / HTTP_PROXY / NO_PROXY from the environment
+        (only those: ``trust_env`` stays off, so no .netrc credentials are picked up)."""
+        cfg = self._registries.get(host)
+        if cfg is not None and cfg.proxy is not None:
+            return {"http": cfg.proxy, "https": cfg.proxy}
+        return dict(requests.utils.get_environ_proxies(url))
 
     def _call(
         self,
@@ -715,6 +733,7 @@ class RegistryClient:
                         min(self.timeout, deadline.remaining()),
                     ),
                     verify=self._verify(urllib.parse.urlsplit(url).netloc, host),
+                    proxies=self._proxies(url, host),
                 )
             except requests.exceptions.RequestException as exc:
                 if deadline.expired:
@@ -781,7 +800,8 @@ def _request_error(
     if isinstance(exc, requests.exceptions.SSLError):
         return RegistryUnreachable(
             f"{what}: TLS handshake with {netloc} failed ({_reason(exc)}); "
-            "if the registry uses a private CA, set registries[].ca_bundle",
+            "if the registry uses a private CA, set registries[].ca_bundle (or put it in "
+            "/etc/docker/certs.d/<host>/ca.crt); if it speaks plain HTTP, set registries[].insecure = true",
             code=Code.REGISTRY_TLS_ERROR,
         )
     if isinstance(exc, requests.exceptions.Timeout):

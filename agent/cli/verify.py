@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from agent.adapters.dockerhost import DockerHost
 from agent.cli.common import (
     EXIT_NEGATIVE,
     EXIT_OK,
@@ -237,7 +238,9 @@ def _client(cfg: Config, args: argparse.Namespace, ref: ImageRef) -> Any:
                 insecure=base.insecure if base else False,
             )
         )
-    return RegistryClient(cfg, registries=extra, insecure_hosts=args.insecure_registry)
+    return RegistryClient(
+        cfg, registries=extra, insecure_hosts=args.insecure_registry, docker_host=DockerHost()
+    )
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from agent.adapters.dockerhost import DockerHost
 from agent.adapters.engine import Engine, Gone
 from agent.adapters.mqtt.requests import Handler, Request, Response, Route
 from agent.config import Config
@@ -371,7 +372,7 @@ def exec_verify(ctx: ControlContext, req: Request) -> Response:
     from agent.adapters.registry import RegistryClient  # the crypto and HTTP stack load only when needed
     from agent.runtime.verification import verify_reference
 
-    with RegistryClient(ctx.config) as client:
+    with RegistryClient(ctx.config, docker_host=DockerHost()) as client:
         result = verify_reference(client, ref, anchors, now=time.time(), full_report=True)
     return Response.of_json(result.to_dict())
 

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+from agent.adapters.dockerhost import DockerHost
 from agent.adapters.engine import Engine, Gone
 from agent.adapters.store import Store
 from agent.config import Config, RegistryConfig
@@ -410,6 +411,9 @@ class InstanceManager:
         if (problem := credentials_problem(self.config, spec)) is not None:
             raise InstanceFailure(Code.CREDENTIALS_MISSING, problem)
         cfg = self.config.registry(host)
+        if cfg is None and (found := DockerHost().credentials(host)) is not None:
+            # what `docker login` stored: the engine pulls with it, as `docker pull` would
+            return [], {"username": found[0], "password": found[1]}
         if cfg is None or cfg.username is None:
             return [], None
         try:
@@ -449,7 +453,9 @@ class InstanceManager:
 
         extra, _ = self._registries(spec)
         try:
-            with RegistryClient(self.config, registries=extra, timeout=5.0, deadline=10.0) as client:
+            with RegistryClient(
+                self.config, registries=extra, timeout=5.0, deadline=10.0, docker_host=DockerHost()
+            ) as client:
                 client.head_manifest(Repository.of(spec.image), digest)
         except RegistryUnreachable:
             return True
@@ -477,7 +483,9 @@ class InstanceManager:
             state = self._set(name, spec, state, status="pulling", reason=None, detail="")
         now = self.clock()
         try:
-            with RegistryClient(self.config, registries=extra, timeout=10.0, deadline=30.0) as client:
+            with RegistryClient(
+                self.config, registries=extra, timeout=10.0, deadline=30.0, docker_host=DockerHost()
+            ) as client:
                 digest = client.resolve(spec.image)
                 if have_pin and digest == old:
                     log.info("instance %s: %s still resolves to the pinned %s", name, spec.image, digest)

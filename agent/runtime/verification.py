@@ -16,6 +16,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.adapters.dockerhost import DockerHost
 from agent.adapters.registry import RegistryClient
 from agent.adapters.signatures import fetch_signatures
 from agent.config import Config
@@ -166,7 +167,9 @@ class ImageVerifier:
             return slot
 
     def _client(self, timeout: float) -> RegistryClient:
-        return RegistryClient(self.config, timeout=min(timeout, 10.0), deadline=timeout)
+        return RegistryClient(
+            self.config, timeout=min(timeout, 10.0), deadline=timeout, docker_host=DockerHost()
+        )
 
     def verify(self, targets: tuple[VerifyTarget, ...], timeout: float) -> VerificationOutcome:
         future = self._pool.submit(self._verify_all, targets, timeout)

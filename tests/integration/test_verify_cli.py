@@ -12,7 +12,10 @@ import base64
 import contextlib
 import datetime as dt
 import json
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +43,7 @@ from agent.verify.cosign.payload import build_payload
 from tests.support.agentproc import cli
 from tests.support.cosign import EMAIL, ISSUER_URL, RekorLog, b64, issuer_extensions, make_cert, pem
 from tests.support.dockerd import Dockerd
+from tests.support.fixtures.proxy import ForwardProxy
 from tests.support.fixtures.registry import FakeRegistry, RegistryServer, push_tiny_image, reply
 from tests.support.ports import free_port
 from tests.support.signing import (
@@ -49,6 +53,8 @@ from tests.support.signing import (
     registry_entry,
     write_agent_config,
 )
+
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.integration
 
@@ -551,3 +557,65 @@ def test_tls_without_credentials_or_ca(tls: Tls, plain: Plain) -> None:
     assert code == 3 and doc["reason"] == "registry-unreachable", doc
     assert any("TLS" in r and "ca_bundle" in r for r in doc["reasons"]), doc["reasons"]
     assert tls.server.password not in json.dumps(doc)
+
+
+# ---- the network a gateway really has ----------------------------------------------------------------------
+
+
+def _verify_env(
+    config: Path, image: str, env: dict[str, str], *args: str
+) -> subprocess.CompletedProcess[str]:
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if k.upper() not in ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY")
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "agent", "--config", str(config), "verify", image, *args],
+        capture_output=True, text=True, timeout=60, env={**clean, **env}, cwd=REPO,
+    )  # fmt: skip
+
+
+def test_registry_requests_go_through_the_proxy_from_the_environment(plain: Plain) -> None:
+    proxy = ForwardProxy()
+    try:
+        out = _verify_env(plain.config, plain.signed, {"HTTP_PROXY": proxy.url}, "--key", str(plain.pub))
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert proxy.seen and all(plain.server.host in s for s in proxy.seen), proxy.seen
+        before = len(proxy.seen)
+        host = plain.server.host.split(":")[0]
+        out = _verify_env(
+            plain.config, plain.signed, {"HTTP_PROXY": proxy.url, "NO_PROXY": host}, "--key", str(plain.pub)
+        )
+        assert out.returncode == 0 and len(proxy.seen) == before, "NO_PROXY is honoured"
+    finally:
+        proxy.close()
+
+
+def test_a_registry_proxy_from_the_configuration(plain: Plain, tmp_path: Path) -> None:
+    proxy = ForwardProxy()
+    try:
+        config = write_agent_config(
+            tmp_path / "config.toml",
+            {"device": {"id": "proxied"}, "state": {"dir": str(tmp_path / "state")}},
+            [{**registry_entry(plain.server), "proxy": proxy.url}],
+        )
+        out = _verify_env(config, plain.signed, {}, "--key", str(plain.pub))
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert proxy.seen
+    finally:
+        proxy.close()
+
+
+def test_credentials_docker_login_stored_are_used(tls: Tls, plain: Plain, tmp_path: Path) -> None:
+    """The configuration names the registry's CA but no credentials: the docker CLI's are used."""
+    docker_config = tmp_path / "docker"
+    docker_config.mkdir()
+    auth = base64.b64encode(f"{tls.server.username}:{tls.server.password}".encode()).decode()
+    (docker_config / "config.json").write_text(json.dumps({"auths": {tls.server.host: {"auth": auth}}}))
+    refused = _verify_env(tls.config_ca_only, tls.image, {}, "--key", str(plain.pub), "--json")
+    assert refused.returncode == 1 and "requires a login" in refused.stdout
+    out = _verify_env(
+        tls.config_ca_only, tls.image, {"DOCKER_CONFIG": str(docker_config)}, "--key", str(plain.pub)
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
