@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +25,8 @@ from agent.cli.common import EXIT_NEGATIVE, EXIT_OK, emit, json_flag, load_confi
 from agent.config import Config
 from agent.core.policy import PolicyLayer, group_layer
 from agent.errors import InputError
+
+log = logging.getLogger(__name__)
 
 REGISTRY_FILE = "console-devices.json"
 
@@ -120,17 +124,27 @@ def _registry(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--registry",
         metavar="FILE",
-        help=f"device registry kept between runs (default STATE_DIR/{REGISTRY_FILE} when writable; "
-        "'none' to keep none)",
+        help=f"device registry kept between runs (default STATE_DIR/{REGISTRY_FILE} when writable, else "
+        f"~/.local/state/imageguard/{REGISTRY_FILE}; 'none' to keep none)",
     )
 
 
 def _registry_path(args: argparse.Namespace, cfg: Config) -> Path | None:
+    """``--registry``, else the state directory when this user may write there, else the user's own state
+    directory (``$XDG_STATE_HOME/imageguard``, default ``~/.local/state/imageguard``)."""
     if args.registry == "none":
         return None
     if args.registry:
         return Path(args.registry)
-    return cfg.state_dir / REGISTRY_FILE if cfg.state_dir.is_dir() else None
+    if cfg.state_dir.is_dir() and os.access(cfg.state_dir, os.W_OK):
+        return cfg.state_dir / REGISTRY_FILE
+    base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "imageguard"
+    try:
+        base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        log.warning("console: no place to keep the device registry (%s: %s)", base, exc.strerror)
+        return None
+    return base / REGISTRY_FILE
 
 
 def _read_bytes(path: str, what: str) -> bytes:

@@ -114,8 +114,9 @@ def parse_event(
         kind, device = parts[4], parts[2]
     if kind is None:
         return None
-    if not payload:  # the LWT is empty
-        return Event(kind, device, topic, {})
+    if not payload:
+        # an empty BIRTH is the device's retained birth being cleared: its will fired or it stopped
+        return Event("LWT" if kind == "BIRTH" else kind, device, topic, {})
     try:
         data = message_data(codec.decode(payload))
     except PayloadError as exc:

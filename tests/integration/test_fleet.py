@@ -107,3 +107,20 @@ def _console_argv(fleet: Fleet) -> list[str]:
 
     (fleet.tmp / "console-state").mkdir(exist_ok=True)
     return [sys.executable, "-m", "agent", "--config", str(fleet.console_config), "console"]
+
+
+def test_devices_already_online_are_found_and_dead_ones_are_not(fleet: Fleet) -> None:
+    """Issue 14: births are retained and the will clears them, so a console that starts after the devices
+    sees exactly the ones online now, without waiting for their next birth."""
+    fleet.start(("early-a", ["plant"], "audit"), ("early-b", [], "audit"), ("early-c", [], "audit"))
+    fleet.agents["early-b"].stop()  # a clean stop clears its birth
+    fleet.agents["early-c"].kill9()  # a crash: the broker's will clears it
+    wait_for(lambda: "early-c" in fleet.broker.log(), 5, what="the broker to notice")
+    out = subprocess.run(
+        [*_console_argv(fleet), "devices", "--wait", "2", "--json", "--registry", "none"],
+        capture_output=True, text=True, timeout=60, cwd=REPO,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    seen = {d["device"]: d["online"] for d in json.loads(out.stdout)}
+    assert seen.get("early-a") is True
+    assert not seen.get("early-b") and not seen.get("early-c"), seen

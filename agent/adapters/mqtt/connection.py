@@ -8,9 +8,10 @@ Subscribing before the birth means that once a console sees the birth, requests 
 
 Reconnects are paho's own (``loop_start`` thread), but each wait is set from :class:`Backoff`: exponential
 between ``reconnect_min_seconds`` and ``reconnect_max_seconds`` with jitter, so a fleet does not reconnect
-in lock-step after a broker restart. The will is Kura's LWT (``$EDC/{account}/{device}/MQTT/LWT``, empty
-payload, QoS 0); :meth:`MqttConnection.stop` publishes MQTT/DC and disconnects cleanly, so the broker
-discards the will.
+in lock-step after a broker restart. The birth is retained and the will clears it (an empty retained message
+on ``$EDC/{account}/{device}/MQTT/BIRTH``, which live subscribers see as the device gone, as Kura's LWT says),
+so that the retained births always name the devices online now; :meth:`MqttConnection.stop` publishes
+MQTT/DC, clears the birth and disconnects cleanly, so the broker discards the will.
 
 Inbound messages run on a small thread pool (Kura uses two threads) so a slow handler never stalls keepalive;
 when the pool is saturated the network thread waits, which pushes back on the broker instead of queueing
@@ -47,6 +48,17 @@ from agent.errors import BrokerError, ConfigError, PublishWindowFull
 from agent.logs import Quiet
 
 log = logging.getLogger(__name__)
+
+
+class _PahoLogger(logging.Logger):
+    """paho's own log: every record at DEBUG, whatever level the library gives it (internal chatter)."""
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        super().log(logging.DEBUG, msg, *args, **kwargs)
+
+
+_paho_log = _PahoLogger("agent.adapters.mqtt.paho")
+_paho_log.parent = log
 
 #: MQTT 5 session expiry for a persistent session: queued QoS 1 requests survive a week offline
 SESSION_EXPIRY_SECONDS = 7 * 24 * 3600
@@ -237,9 +249,13 @@ class MqttConnection:
             protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
         )
         apply_credentials(client, cfg)
-        client.will_set(self.topics.lifecycle("LWT"), payload=b"", qos=0, retain=False)
+        # the birth is retained, so that a console that starts later finds every device online now; the will
+        # clears it (an empty retained message, which live subscribers receive as "gone", like an LWT)
+        client.will_set(self.topics.lifecycle("BIRTH"), payload=b"", qos=1, retain=True)
         client.max_inflight_messages_set(max(1, min(self._max_in_flight, _WIRE_IN_FLIGHT)))
-        client.enable_logger(logging.getLogger("agent.adapters.mqtt.paho"))
+        # paho's own messages (a refused socket on every retry) are library-internal: DEBUG, whatever it calls
+        # them; the connection's outcome is logged by this adapter, once (agent/logs.py Quiet)
+        client.enable_logger(_paho_log)
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
@@ -288,7 +304,11 @@ class MqttConnection:
                 dc = self._publish(
                     self.topics.lifecycle("DC"), self._encode(self._disconnect()), 0, False, False
                 )
+                gone = self._publish(
+                    self.topics.lifecycle("BIRTH"), b"", 1, True, False
+                )  # not online any more
                 dc.wait(max(0.5, deadline - time.monotonic()))
+                gone.wait(max(0.5, deadline - time.monotonic()))
             except BrokerError as exc:
                 log.warning("mqtt: disconnect certificate not sent: %s", exc)
         self._client.disconnect()
@@ -404,7 +424,7 @@ class MqttConnection:
             client.subscribe([(s.topic_filter, s.qos) for s in self._subscriptions])
         self._connected.set()
         try:
-            self._publish(self.topics.lifecycle("BIRTH"), self._encode(self._birth()), 1, False, False)
+            self._publish(self.topics.lifecycle("BIRTH"), self._encode(self._birth()), 1, True, False)
         except Exception:
             log.exception("mqtt: birth certificate not published")
         for hook in list(self._hooks):

@@ -174,7 +174,7 @@ from agent.adapters.mqtt.connection import MqttConnection
 from agent.adapters.mqtt.kurapayload import KuraMessage
 from agent.adapters.mqtt.topics import Topics
 conn = MqttConnection(MqttConfig(url=sys.argv[1], account="acme"), Topics(account="acme", device_id="dev-1"),
-                      subscriptions=[], birth=KuraMessage, disconnect=KuraMessage)
+                      subscriptions=[], birth=lambda: KuraMessage(body=b"up"), disconnect=KuraMessage)
 conn.start()
 assert conn.wait_connected(10)
 print("connected", flush=True)
@@ -182,7 +182,7 @@ time.sleep(60)
 """
 
 
-def test_broker_publishes_lwt_when_the_agent_dies(
+def test_the_broker_clears_the_retained_birth_when_the_agent_dies(
     mosquitto: MosquittoBroker, mqtt_probe_factory: ProbeFactory
 ) -> None:
     probe = mqtt_probe_factory(mosquitto)
@@ -192,12 +192,17 @@ def test_broker_publishes_lwt_when_the_agent_dies(
     )
     try:
         assert child.stdout is not None and child.stdout.readline() == b"connected\n"
-        probe.expect(TOPICS.lifecycle("BIRTH"))
+        while not probe.expect(TOPICS.lifecycle("BIRTH")).payload:
+            pass  # an earlier test's device of the same id said goodbye: this child's birth follows
         child.send_signal(signal.SIGKILL)
         child.wait(10)
-        lwt = probe.expect(TOPICS.lifecycle("LWT"))
-        assert lwt.payload == b"" and lwt.qos == 0
+        gone = probe.expect(TOPICS.lifecycle("BIRTH"))  # the will: an empty retained birth
+        assert gone.payload == b""
         assert probe.nothing_on(TOPICS.lifecycle("DC"), 0.3)
+        # and a subscriber that comes later finds no birth: the device is not online
+        later = mqtt_probe_factory(mosquitto, client_id="probe-later")
+        later.subscribe(TOPICS.lifecycle("BIRTH"))
+        assert later.nothing_on(TOPICS.lifecycle("BIRTH"), 1.0)
     finally:
         if child.poll() is None:
             child.kill()
@@ -213,9 +218,13 @@ def test_clean_stop_sends_dc_and_no_lwt(
     probe.subscribe("$EDC/acme/dev-1/MQTT/#")
     agent = make_agent(_config(mosquitto))
     probe.expect(TOPICS.lifecycle("BIRTH"))
+    later = mqtt_probe_factory(mosquitto, client_id="probe-later")
+    later.subscribe(TOPICS.lifecycle("BIRTH"))
+    assert later.expect(TOPICS.lifecycle("BIRTH")).payload, "a console that starts later finds it online"
     agent.conn.stop()
     dc = PayloadCodec().decode(probe.expect(TOPICS.lifecycle("DC")).payload)
     assert set(dc.metrics) == {"uptime", "display_name"}
+    assert probe.expect(TOPICS.lifecycle("BIRTH")).payload == b""  # no longer online
     assert probe.nothing_on(TOPICS.lifecycle("LWT"), 1.0)
 
 
