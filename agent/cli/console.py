@@ -282,7 +282,13 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         progress.finish()
         registry.save()
     rows = [r.to_dict() for r in tracker.table()]
-    report = {"group": args.group, "version": version, "ok": tracker.ok, "devices": rows}
+    report = {
+        "group": args.group,
+        "version": version,
+        "ok": tracker.ok,
+        "devices": rows,
+        "withdrawn": tracker.withdrawn,
+    }
 
     def text() -> str:
         if not rows:
@@ -291,6 +297,11 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         for r in rows:
             v = "" if r["version"] is None else str(r["version"])
             lines.append(f"{r['device']:<24} {r['status']:<10} {v:<8} {r['reason']}")
+        if tracker.withdrawn:
+            lines.append(
+                f"devices hold a newer group:{args.group} layer: version {version} was taken off the broker "
+                "again, so that devices joining later do not receive it"
+            )
         return "\n".join(lines)
 
     emit(args, report, text)

@@ -237,6 +237,8 @@ class RolloutTracker:
     expect_count: int = 0
     settle: float = 1.0
     rows: dict[str, AckRow] = field(default_factory=dict)
+    #: the published layer was taken off the broker again (devices hold a newer one)
+    withdrawn: bool = False
     _changed_at: float = float("-inf")
 
     def __post_init__(self) -> None:
@@ -541,4 +543,16 @@ class Console:
                 registry.observe(event)
             if tracker.observe(event) and on_progress is not None:
                 on_progress(tracker, event)
+        if any(
+            r.status == "rejected" and r.reason.startswith("policy-rollback") for r in tracker.rows.values()
+        ):
+            # devices hold a newer version: left retained, this layer would reach every device that joins
+            # later as the group's policy, older than what the fleet runs
+            self.withdraw_layer(tracker.group)
+            tracker.withdrawn = True
         return tracker
+
+    def withdraw_layer(self, group: str) -> None:
+        """Remove the group's retained layer from the broker (an empty retained message)."""
+        topic = self._topics(self.console_id).fleet_policy(group)
+        self.client.publish(topic, b"", qos=1, retain=True)

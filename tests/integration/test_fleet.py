@@ -62,6 +62,7 @@ def test_rollout_acknowledged_by_the_group_a_late_device_gets_the_retained_layer
         d: ("rejected", 4, report["devices"][i]["reason"]) for i, d in enumerate(sorted(fleet.agents))
     }
     assert all(r["reason"].startswith("policy-rollback") for r in report["devices"]), report
+    assert report["withdrawn"], "a stale layer is never left retained"
     for device in fleet.agents:
         assert fleet.request(device, "GET", "policy", {"layer": "group:plant"})[1]["version"] == 5
 
