@@ -15,6 +15,8 @@ from agent.errors import InputError
 
 #: 0 ok, 1 a negative result, 2 usage or input error, 3 could not check (engine, registry, broker)
 EXIT_OK, EXIT_NEGATIVE, EXIT_ERROR, EXIT_UNAVAILABLE = 0, 1, 2, 3
+#: a bug in ImageGuard (sysexits' EX_SOFTWARE): never an answer about the device
+EXIT_INTERNAL = 70
 
 Handler = Callable[[argparse.Namespace], int]
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from agent import __version__
 from agent import config as config_mod
-from agent.cli.common import EXIT_OK, Handler
+from agent.cli.common import EXIT_INTERNAL, EXIT_OK, Handler
 from agent.errors import ImageGuardError
 
 
@@ -74,3 +74,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into head & co: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+    except Exception as exc:
+        # a bug, not the user's input: one line that says so; the traceback only when asked for
+        if os.environ.get("IMAGEGUARD_DEBUG"):
+            raise
+        print(
+            f"imageguard: internal error: {type(exc).__name__}: {exc} (this is a bug; run again with "
+            "IMAGEGUARD_DEBUG=1 for the traceback and report it)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL

@@ -712,6 +712,9 @@ class Enforcer:
             outcome = self.engine.stop_and_remove(facts.id, grace)
         except EngineError as exc:
             self._count("removal_failures")
+            # dockerd is slow or holds the container's lock (an unfinished `docker cp` upload): its processes
+            # are killed through the cgroup now, and the removal is retried until dockerd answers
+            self._kill(facts, None)
             self._retry_later(facts.id, f"could not remove blocked container {name}: {exc}")
             return
         log.warning("blocked container %s (%s): %s; %s", name, facts.image, decision.reason.value, outcome)

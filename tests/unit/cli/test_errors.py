@@ -410,3 +410,16 @@ def test_reading_commands_create_no_state(cli: Cli, argv: list[str]) -> None:
 def test_an_edit_creates_the_state(cli: Cli) -> None:
     assert cli.run("allowlist", "add", D1)[0] == 0
     assert (cli.dir / "state" / "state.db").exists()
+
+
+def test_a_bug_is_one_line_and_exit_70_not_a_traceback(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    import agent.cli.agent as agent_cli
+
+    def broken(_args: argparse.Namespace) -> int:
+        raise RuntimeError("something impossible")
+
+    monkeypatch.setattr(agent_cli, "cmd_decisions", broken)
+    monkeypatch.delenv("IMAGEGUARD_DEBUG", raising=False)
+    code, _, err = cli.run("decisions")
+    assert code == 70
+    assert "internal error: RuntimeError: something impossible" in err and "Traceback" not in err

@@ -279,3 +279,44 @@ def test_a_pending_verification_does_not_delay_a_container_on_the_same_lane(stor
         assert ("c1", 0) in engine.removed
     finally:
         e.close()
+
+
+class RecordingCgroup:
+    def __init__(self) -> None:
+        self.killed = 0
+
+    def kill(self) -> None:
+        self.killed += 1
+
+    def freeze(self) -> None:
+        pass
+
+    def thaw(self) -> None:
+        pass
+
+    def frozen(self) -> bool:
+        return False
+
+
+def test_a_removal_dockerd_does_not_answer_kills_through_the_cgroup(store: Store) -> None:
+    """dockerd holds the container's lock (an unfinished docker cp): its processes die anyway."""
+    engine = Flaky("stop_and_remove", 1, containers=BLOCKED_FACTS)
+    cg = RecordingCgroup()
+    e = Enforcer(
+        engine,
+        store,
+        EffectivePolicy(Enforcement(True, "enforce"), frozenset(), ()),
+        EnforcementConfig(stop_grace_seconds=5),
+        device="d",
+        lanes=1,
+        cgroups=lambda cid: cg,  # type: ignore[arg-type,return-value]
+    )
+    try:
+        e._remove(BLOCKED_FACTS["c1"], None, 5)  # type: ignore[arg-type]
+        assert cg.killed == 1
+        deadline = time.monotonic() + 10
+        while not engine.removed and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine.removed, "removed once dockerd answers"
+    finally:
+        e.close()
