@@ -21,7 +21,7 @@ from agent.errors import ImageGuardError
 
 def build_parser() -> argparse.ArgumentParser:
     # the command modules load only when the parser is built: importing agent.cli stays cheap
-    from agent.cli import agent, console, doctor, instances, plugin, state, verify
+    from agent.cli import agent, console, docs, doctor, instances, plugin, state, verify
 
     parser = argparse.ArgumentParser(
         prog="imageguard",
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"configuration file (default $IMAGEGUARD_CONFIG, else {config_mod.DEFAULT_CONFIG_PATH} if present)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (agent, verify, console, doctor, instances, state, plugin):
+    for module in (agent, verify, console, doctor, instances, state, plugin, docs):
         module.register(sub)
     _config_everywhere(parser)
     return parser
