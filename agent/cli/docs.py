@@ -75,7 +75,9 @@ def bash_script(parser: argparse.ArgumentParser) -> str:
 
 
 def _roff(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("-", "\\-")
+    escaped = text.replace("\\", "\\\\").replace("-", "\\-")
+    # a line that starts with "." or "'" would be read as a request: \& makes it text
+    return "\n".join("\\&" + line if line[:1] in (".", "'") else line for line in escaped.splitlines())
 
 
 def manpage(parser: argparse.ArgumentParser) -> str:

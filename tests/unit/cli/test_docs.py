@@ -38,3 +38,15 @@ def test_the_manual_page_names_every_command_and_the_exit_codes() -> None:
         if path:
             assert ".B imageguard " + " ".join(path).replace("-", "\\-") in page, path
     assert "3 could not check" in page
+
+
+@pytest.mark.skipif(shutil.which("groff") is None, reason="needs groff")
+def test_the_manual_page_renders_without_warnings() -> None:
+    out = subprocess.run(
+        ["groff", "-man", "-Tutf8", "-ww"],
+        input=manpage(build_parser()),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0 and "warning" not in out.stderr, out.stderr[:500]
