@@ -20,12 +20,6 @@ def register(sub: Any) -> None:
     p.set_defaults(handler=cmd_manpage)
 
 
-def _root() -> argparse.ArgumentParser:
-    from agent.cli.main import build_parser
-
-    return build_parser()
-
-
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
@@ -141,10 +135,10 @@ def _help_of(parser: argparse.ArgumentParser, path: tuple[str, ...]) -> str:
 
 
 def cmd_completion(args: argparse.Namespace) -> int:
-    print(bash_script(_root()), end="")
+    print(bash_script(args.root_parser), end="")  # agent/cli/main.py hands over the whole parser
     return EXIT_OK
 
 
 def cmd_manpage(args: argparse.Namespace) -> int:
-    print(manpage(_root()), end="")
+    print(manpage(args.root_parser), end="")
     return EXIT_OK

@@ -7,12 +7,21 @@ themselves. ``update`` asks the running agent and waits for its answer.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 import uuid
 from typing import Any
 
 from agent.adapters.wakeup import notify_agent
-from agent.cli.common import EXIT_ERROR, EXIT_NEGATIVE, EXIT_OK, emit, json_flag, load_config, read_json_file
+from agent.cli.common import (
+    EXIT_NEGATIVE,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    emit,
+    json_flag,
+    load_config,
+    read_json_file,
+)
 from agent.config import Config
 from agent.control.service import ApplyResult, Service
 from agent.core.instances import UpdateOutcome
@@ -165,17 +174,28 @@ def cmd_update(args: argparse.Namespace) -> int:
             f"no agent is running on {cfg.state_dir}: start it (imageguard run) to update instances"
         )
     deadline = time.monotonic() + args.timeout
+    # progress for a person at a terminal: what the instance is doing now (pulling, verifying, ...)
+    progress = sys.stderr.isatty() and not args.json
+    shown = ""
     while time.monotonic() < deadline:
         state = service.store.instance_states().get(args.name)
         last = state.last_update if state is not None else None
         if last is not None and last.id == ticket:
+            if progress and shown:
+                print(file=sys.stderr)
             emit(args, {"name": args.name, **last.to_dict()}, _update_text(args.name, last))
             return EXIT_OK if last.succeeded else EXIT_NEGATIVE
+        now = state.status if state is not None else "waiting for the agent"
+        if progress and now != shown:
+            print(f"\rinstance {args.name}: {now}...".ljust(60), end="", file=sys.stderr, flush=True)
+            shown = now
         time.sleep(0.2)
+    if progress and shown:
+        print(file=sys.stderr)
     emit(
         args, {"name": args.name, "result": "in-progress"}, f"instance {args.name}: update still in progress"
     )
-    return EXIT_ERROR
+    return EXIT_UNAVAILABLE  # could not see it finish in time
 
 
 def _update_text(name: str, outcome: UpdateOutcome) -> str:

@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     for module in (agent, verify, console, doctor, instances, state, plugin, docs):
         module.register(sub)
     _config_everywhere(parser)
+    parser.set_defaults(root_parser=parser)  # for the commands generated from it (agent/cli/docs.py)
     return parser
 
 
