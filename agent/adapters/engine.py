@@ -13,6 +13,8 @@ from typing import Any, cast
 import docker
 import docker.constants
 import docker.errors
+import docker.tls
+import docker.utils
 import requests
 
 from agent.core.digest import Digest
@@ -77,11 +79,21 @@ class Engine:
             self._local.client = client
         return client
 
+    def _tls(self) -> docker.tls.TLSConfig | bool:
+        """TCP engines: the docker CLI's TLS settings (DOCKER_TLS_VERIFY, DOCKER_CERT_PATH), as docker-py
+        reads them; a unix socket needs none."""
+        if not self.url.startswith(("tcp://", "https://")):
+            return False
+        tls = docker.utils.kwargs_from_env().get("tls")
+        return tls if isinstance(tls, docker.tls.TLSConfig) else False
+
     def _new_client(self, timeout: float | None) -> docker.APIClient:
         if self._version is None:
             self._version = self._negotiate()
         try:
-            client = docker.APIClient(base_url=self.url, version=self._version, timeout=_seconds(timeout))
+            client = docker.APIClient(
+                base_url=self.url, version=self._version, timeout=_seconds(timeout), tls=self._tls()
+            )
         except docker.errors.DockerException as exc:
             raise EngineError(f"cannot use the Docker engine at {self.url}: {exc}") from None
         if self.url.startswith("unix://"):
@@ -103,7 +115,7 @@ class Engine:
                     ) from None
         try:
             probe = docker.APIClient(
-                base_url=self.url, version=MINIMUM_API_VERSION, timeout=_seconds(self.timeout)
+                base_url=self.url, version=MINIMUM_API_VERSION, timeout=_seconds(self.timeout), tls=self._tls()
             )
         except docker.errors.DockerException as exc:
             raise EngineError(f"cannot use the Docker engine at {self.url}: {exc}") from None
