@@ -218,11 +218,13 @@ class InstanceEvent:
     state: InstanceState
     image: str | None = None
     id: str = field(default_factory=lambda: new_id())
+    #: when the event happened: the state's own time, else the moment the event was made (fixed once)
+    time: str = field(default_factory=lambda: utc_now())
 
     def to_dict(self) -> dict[str, Any]:
         msg = {
             "id": self.id,
-            "time": self.state.updated_at or utc_now(),
+            "time": self.state.updated_at or self.time,
             "device": self.device,
             "policy_version": self.policy_version,
             **self.state.to_dict(),

@@ -68,6 +68,7 @@ class Fleet:
     @property
     def console_config(self) -> Path:
         path = self.tmp / "console.toml"
+        (self.tmp / "console-state").mkdir(exist_ok=True)  # the console keeps its device list there
         if not path.exists():
             write_config(
                 path,
