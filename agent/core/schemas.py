@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import re
-import sys
 from collections.abc import Iterable, Iterator
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -15,23 +14,20 @@ from jsonschema.validators import validator_for
 
 from agent.errors import SchemaError
 
-
-def _schema_dirs() -> list[Path]:
-    return [
-        Path(__file__).resolve().parents[2] / "schemas",  # source checkout / editable install
-        Path(sys.prefix) / "share" / "imageguard" / "schemas",  # wheel install (data-files)
-    ]
+#: the schemas are package data (``agent/schemas``; ``schemas/`` at the top of the repository links there), so
+#: they are found however the package is installed: checkout, wheel, ``--user``, ``--target``, zipapp
+_SCHEMAS = importlib.resources.files("agent") / "schemas"
 
 
 @cache
 def load_schema(name: str) -> dict[str, Any]:
     """Load ``schemas/<name>.schema.json``."""
-    for base in _schema_dirs():
-        path = base / f"{name}.schema.json"
-        if path.is_file():
-            schema: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-            return schema
-    raise FileNotFoundError(f"schema {name!r} not found in {', '.join(map(str, _schema_dirs()))}")
+    resource = _SCHEMAS.joinpath(*f"{name}.schema.json".split("/"))
+    try:
+        schema: dict[str, Any] = json.loads(resource.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"schema {name!r} is not part of this installation ({resource})") from None
+    return schema
 
 
 @cache
