@@ -115,7 +115,10 @@ class Engine:
                     ) from None
         try:
             probe = docker.APIClient(
-                base_url=self.url, version=MINIMUM_API_VERSION, timeout=_seconds(self.timeout), tls=self._tls()
+                base_url=self.url,
+                version=MINIMUM_API_VERSION,
+                timeout=_seconds(self.timeout),
+                tls=self._tls(),
             )
         except docker.errors.DockerException as exc:
             raise EngineError(f"cannot use the Docker engine at {self.url}: {exc}") from None
