@@ -23,7 +23,7 @@ from agent import __version__, logs
 from agent import config as config_mod
 from agent.adapters.engine import Engine
 from agent.adapters.store import Store
-from agent.adapters.systemd import Notifier
+from agent.adapters.systemd import Notifier, inherited_unix_socket
 from agent.adapters.wakeup import DatabaseWatch, Listener, notify_agent
 from agent.config import Config, MqttConfig
 from agent.control.service import Service
@@ -321,7 +321,7 @@ class Agent:
             gate = Gate(self.enforcer, self.config.preventive)
             self.authz = AuthzServer(self.config.preventive.socket, gate, on_thread_end=gate.thread_done)
             try:
-                self.authz.start()
+                self.authz.start(inherited_unix_socket(str(self.config.preventive.socket)))
             except Exception:
                 self.enforcer.close()
                 self.statewatch.stop()

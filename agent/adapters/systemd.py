@@ -82,3 +82,31 @@ class Notifier:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=2)
+
+
+SD_LISTEN_FDS_START = 3
+
+
+def listen_fds(environ: dict[str, str] | None = None) -> list[int]:
+    """Sockets systemd passed to this process (socket activation, sd_listen_fds(3)); the variables are
+    removed so that children do not take them for theirs."""
+    env = os.environ if environ is None else environ
+    pid, count = env.get("LISTEN_PID", ""), env.get("LISTEN_FDS", "")
+    if pid != str(os.getpid()) or not count.isdigit():
+        return []
+    for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        env.pop(key, None)
+    return list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(count)))
+
+
+def inherited_unix_socket(path: str, environ: dict[str, str] | None = None) -> socket.socket | None:
+    """The listening AF_UNIX socket systemd passed for ``path``, if any."""
+    for fd in listen_fds(environ):
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            continue
+        if sock.family == socket.AF_UNIX and sock.getsockname() == path:
+            return sock
+        sock.detach()  # not ours to close
+    return None

@@ -486,8 +486,20 @@ class AuthzServer:
         self._on_thread_end = on_thread_end
         self._server: _UnixServer | None = None
         self._thread: threading.Thread | None = None
+        self._inherited = False
 
-    def start(self) -> None:
+    def start(self, inherited: socket.socket | None = None) -> None:
+        """Bind the socket, or serve ``inherited``, a listening socket systemd holds for us (socket
+        activation): it outlives restarts of the agent, so dockerd's requests wait in its backlog instead of
+        failing while the agent restarts."""
+        if inherited is not None:
+            self._server = _UnixServer(str(self.path), self._authorize, self._on_thread_end)
+            self._server.socket.close()
+            self._server.socket = inherited
+            self._inherited = True
+            self._serve()
+            log.info("authorization plugin serving on %s (socket from systemd)", self.path)
+            return
         _claim(self.path)
         self._server = _UnixServer(str(self.path), self._authorize, self._on_thread_end)
         try:
@@ -500,11 +512,15 @@ class AuthzServer:
             raise StateError(
                 f"cannot serve the authorization plugin on {self.path}: {exc.strerror}"
             ) from None
+        self._serve()
+        log.info("authorization plugin serving on %s", self.path)
+
+    def _serve(self) -> None:
+        assert self._server is not None
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.2}, name="authz", daemon=True
         )
         self._thread.start()
-        log.info("authorization plugin serving on %s", self.path)
 
     def close(self) -> None:
         if self._thread is None or self._server is None:
@@ -514,7 +530,8 @@ class AuthzServer:
         self._server.close_connections()
         self._thread.join(timeout=5)
         self._thread = None
-        self.path.unlink(missing_ok=True)
+        if not self._inherited:  # systemd's socket stays, so that dockerd's next requests wait for us
+            self.path.unlink(missing_ok=True)
 
 
 def _claim(path: Path) -> None:
