@@ -206,8 +206,12 @@ def cmd_allowlist_list(args: argparse.Namespace) -> int:
         args,
         {"allowlist": entries, "policy_version": service.effective().version},
         lambda: (
-            "\n".join(f"{e['digest']}  {e['layer']:<12} {e['comment']}" for e in entries)
-            or "allowlist is empty"
+            format_table(
+                ("DIGEST", "LAYER", "COMMENT"),
+                ((e["digest"], e["layer"], e["comment"] or "-") for e in entries),
+            )
+            if entries
+            else "allowlist is empty"
         ),
     )
     return EXIT_OK

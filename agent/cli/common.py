@@ -57,7 +57,8 @@ def warn_issuer_only(anchors: Iterable[TrustAnchor]) -> None:
     for anchor in anchors:
         for ident in anchor.issuer_only_identities:
             print(
-                f"imageguard: warning: trust anchor {anchor.name!r}: identity {ident.to_dict()} names an issuer "
+                f"imageguard: warning: trust anchor {anchor.name!r}: an identity names the issuer "
+                f"{ident.issuer or ident.issuer_regexp!r} "
                 "but no subject, so it accepts every certificate that issuer grants (any account of an "
                 "OIDC provider); add --certificate-identity[-regexp] to say who may sign",
                 file=sys.stderr,

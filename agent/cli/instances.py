@@ -18,6 +18,7 @@ from agent.cli.common import (
     EXIT_OK,
     EXIT_UNAVAILABLE,
     emit,
+    format_table,
     json_flag,
     load_config,
     read_json_file,
@@ -78,14 +79,19 @@ def _applied(results: list[tuple[str, ApplyResult]]) -> str:
 def _table(views: list[dict[str, Any]]) -> str:
     if not views:
         return "no instances declared"
-    rows = [("NAME", "STATUS", "IMAGE", "PINNED", "REASON")]
-    for v in views:
-        pinned = v.get("pinned_digest") or "-"
-        rows.append(
-            (v["name"], v["status"], v.get("image", "-"), pinned[:19], v.get("reason", "")),
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + r[4] for r in rows)
+    return format_table(
+        ("NAME", "STATUS", "IMAGE", "PINNED", "REASON"),
+        (
+            (
+                v["name"],
+                v["status"],
+                v.get("image", "-"),
+                (v.get("pinned_digest") or "-")[:19],
+                v.get("reason") or "-",
+            )
+            for v in views
+        ),
+    )
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -110,8 +116,14 @@ def cmd_show(args: argparse.Namespace) -> int:
         lines = [f"{k}: {view[k]}" for k in ("name", "status", "reason", "detail", "image") if view.get(k)]
         lines.append(f"pinned digest: {view.get('pinned_digest') or '-'}")
         lines.append(f"container: {view.get('container_id') or '-'}")
-        if view.get("last_update"):
-            lines.append(f"last update: {view['last_update']}")
+        if last := view.get("last_update"):
+            # a sentence, not a Python dict: when, how it ended, to what, and why
+            outcome = f"{last.get('result', '?')} at {last.get('time', '?')}"
+            if last.get("digest"):
+                outcome += f" (digest {last['digest']})"
+            if last.get("reason"):
+                outcome += f": {last['reason']}" + (f", {last['detail']}" if last.get("detail") else "")
+            lines.append(f"last update: {outcome}")
         return "\n".join(lines)
 
     emit(args, view, text)

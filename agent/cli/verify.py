@@ -17,6 +17,7 @@ from agent.cli.common import (
     EXIT_OK,
     EXIT_UNAVAILABLE,
     emit,
+    format_table,
     json_flag,
     load_config,
     warn_issuer_only,
@@ -352,12 +353,21 @@ def cmd_anchors_list(args: argparse.Namespace) -> int:
         args,
         {"trust_anchors": anchors},
         lambda: (
-            "\n".join(
-                f"{a['name']:<24} {a['kind']:<4} {a['layer']:<14} scope {', '.join(a['scope'])}"
-                + (" require_tlog" if a["require_tlog"] else "")
-                for a in anchors
+            format_table(
+                ("NAME", "KIND", "LAYER", "TLOG", "SCOPE"),
+                (
+                    (
+                        a["name"],
+                        a["kind"],
+                        a["layer"],
+                        "required" if a["require_tlog"] else "-",
+                        ", ".join(a["scope"]),
+                    )
+                    for a in anchors
+                ),
             )
-            or "no trust anchors"
+            if anchors
+            else "no trust anchors"
         ),
     )
     return EXIT_OK
