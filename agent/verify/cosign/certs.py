@@ -293,7 +293,7 @@ def check_identities(cert: x509.Certificate, identities: Sequence[Identity]) -> 
     described = f"subject {', '.join(sans) or cert.subject.rfc4514_string()!r}, issuer {issuer!r}"
     if not identities or any(_identity_matches(i, sans, issuer) for i in identities):
         return described
-    wanted = "; ".join(str(i.to_dict()) for i in identities)
+    wanted = "; ".join(", ".join(f"{k} {v!r}" for k, v in i.to_dict().items()) for i in identities)
     raise VerificationError(
         f"certificate identity ({described}) matches none of: {wanted}", code=Code.IDENTITY_MISMATCH
     )
