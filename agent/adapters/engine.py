@@ -90,14 +90,17 @@ class Engine:
     def _new_client(self, timeout: float | None) -> docker.APIClient:
         if self._version is None:
             self._version = self._negotiate()
+        tls = self._tls()
         try:
             client = docker.APIClient(
-                base_url=self.url, version=self._version, timeout=_seconds(timeout), tls=self._tls()
+                base_url=self.url, version=self._version, timeout=_seconds(timeout), tls=tls
             )
         except docker.errors.DockerException as exc:
             raise EngineError(f"cannot use the Docker engine at {self.url}: {exc}") from None
-        if self.url.startswith("unix://"):
-            client.trust_env = False  # no proxy applies to a socket; spares an environ scan per request
+        # a socket needs no proxy; and with the engine's own CA, requests must not swap it for the bundle
+        # named by REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE (which trust_env would do)
+        if self.url.startswith("unix://") or tls:
+            client.trust_env = False
         return client
 
     def _negotiate(self) -> str:
@@ -113,15 +116,15 @@ class Engine:
                     raise EngineError(
                         f"cannot reach the Docker engine at {self.url}: {exc.strerror or exc}"
                     ) from None
+        tls = self._tls()
         try:
             probe = docker.APIClient(
-                base_url=self.url,
-                version=MINIMUM_API_VERSION,
-                timeout=_seconds(self.timeout),
-                tls=self._tls(),
+                base_url=self.url, version=MINIMUM_API_VERSION, timeout=_seconds(self.timeout), tls=tls
             )
         except docker.errors.DockerException as exc:
             raise EngineError(f"cannot use the Docker engine at {self.url}: {exc}") from None
+        if tls:
+            probe.trust_env = False
         try:
             server = str(probe.version(api_version=False).get("ApiVersion", MINIMUM_API_VERSION))
         except (docker.errors.DockerException, *_CONNECTION_ERRORS) as exc:
