@@ -434,7 +434,7 @@ class Agent:
     def _on_event(self, event: ContainerEvent) -> None:
         if event.action != "start":  # a managed instance's container ended: recreate it
             if self.instances is not None and event.instance:
-                self.instances.container_gone(event.instance)
+                self.instances.container_gone(event.instance, event.container_id, event.action)
             return
         assert self.enforcer is not None
         self.enforcer.submit(event.container_id, "start", event)

@@ -77,6 +77,8 @@ RETRY_MIN_SECONDS = 2.0
 RETRY_MAX_SECONDS = 60.0
 #: a container that ends again within this long of the last time counts as a crash loop (backoff)
 FLAP_WINDOW_SECONDS = 60.0
+#: after a container's die, before its instance is looked at (a destroy usually follows at once)
+DIE_SETTLE_SECONDS = 0.5
 MAX_STEPS = 8  # per instance and pass: a plan converges in at most five
 
 
@@ -132,8 +134,8 @@ class InstanceManager:
         self._tickets: dict[str, list[Ticket]] = {}
         self._retry_at: dict[str, float] = {}
         self._backoff: dict[str, float] = {}
-        #: instance -> (times its container ended within FLAP_WINDOW_SECONDS of the last, when last)
-        self._flaps: dict[str, tuple[int, float]] = {}
+        #: instance -> (times its containers ended within FLAP_WINDOW_SECONDS of each other, when last, which)
+        self._flaps: dict[str, tuple[int, float, str]] = {}
         self._asked = True  # the first pass runs at start
         self._quiet = Quiet(log)
         #: managed containers were seen in the last pass (they are looked at until none is left)
@@ -159,22 +161,37 @@ class InstanceManager:
         self._asked = True
         self._wake.set()
 
-    def container_gone(self, name: str) -> None:
+    def container_gone(self, name: str, container_id: str = "", action: str = "destroy") -> None:
         """A container of instance ``name`` died or was removed: recreate it now, or, when it keeps ending
-        (a crash loop), after a backoff that doubles up to RETRY_MAX_SECONDS."""
+        (a crash loop), after a backoff that doubles up to RETRY_MAX_SECONDS.
+
+        A container's die and destroy count as one end. After a die the pass waits a moment, so that the
+        destroy of a ``docker rm -f`` (which follows at once) finds the container gone rather than racing it.
+        """
         now = self.clock()
         with self._lock:
-            count, last = self._flaps.get(name, (-1, 0.0))
-            count = count + 1 if now - last < FLAP_WINDOW_SECONDS else 0
-            self._flaps[name] = (count, now)
+            count, last, last_id = self._flaps.get(name, (-1, 0.0, ""))
+            if container_id and container_id == last_id:
+                pass  # the same container's second event: not another end
+            else:
+                count = count + 1 if now - last < FLAP_WINDOW_SECONDS else 0
+            self._flaps[name] = (count, now, container_id)
         if count == 0:
-            self.wake()
+            if action == "destroy":
+                self.wake()
+            else:
+                self._retry_at[name] = now + DIE_SETTLE_SECONDS
+                self._wake.set()
             return
         delay = min(RETRY_MAX_SECONDS, RETRY_MIN_SECONDS * 2 ** (count - 1))
-        log.warning(
-            "instance %s: its container ended again (%d times); recreating in %.1fs", name, count + 1, delay
-        )
-        self._retry_at[name] = now + delay
+        if container_id != last_id:
+            log.warning(
+                "instance %s: its container ended again (%d times); recreating in %.1fs",
+                name,
+                count + 1,
+                delay,
+            )
+        self._retry_at[name] = max(self._retry_at.get(name, 0.0), now + delay)
         self._wake.set()  # only the schedule changed: the loop computes its next deadline again
 
     def request_update(self, name: str, ticket_id: str | None = None) -> Ticket:
