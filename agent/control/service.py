@@ -78,8 +78,10 @@ class Service:
 
     @property
     def first_run(self) -> bool:
-        """No policy was ever set on this device (every stored layer is at version 0)."""
-        return all(lyr.version == 0 for lyr in self.store.layers())
+        """No policy was ever set on this device (every stored layer is at version 0). A layer set aside as
+        undecodable was a policy all the same: never a first run's audit mode then (fail closed)."""
+        layers = self.store.layers()  # reading them sets aside what cannot be decoded
+        return all(lyr.version == 0 for lyr in layers) and not self.store.poison_rows().get("policy_layers")
 
     def effective(self, replacing: PolicyLayer | None = None) -> EffectivePolicy:
         """The policy in force; with ``replacing``, the one that would be in force with that layer."""

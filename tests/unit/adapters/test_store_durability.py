@@ -131,3 +131,16 @@ def test_bad_instance_and_verified_rows_are_set_aside(store: Store, state_dir: P
     assert store.instance_states() == {}
     assert store.verified() == {}
     assert store.poison_rows() == {"instances": 1, "verified_digests": 1}
+
+
+def test_a_policy_layer_set_aside_is_never_a_first_run(store: Store, state_dir: Path) -> None:
+    """An undecodable device layer must not turn the device back into a new one (audit mode)."""
+    from agent.config import from_dict
+    from agent.control.service import Service
+
+    with store.transaction() as tx:
+        store.write_layer(tx, PolicyLayer(name="device", version=3), NOW)
+    _poke(state_dir, "UPDATE policy_layers SET document = 'garbage' WHERE name = 'device'")
+    service = Service(from_dict({"state": {"dir": str(state_dir)}}), store)
+    assert not service.first_run
+    assert service.effective().enforcement.mode == "enforce"
