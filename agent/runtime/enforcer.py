@@ -176,6 +176,8 @@ class Enforcer:
         self._frozen: dict[str, ContainerCgroup] = {}
         #: containers with a final decision acted on (bounded): the periodic check skips them
         self._decided: dict[str, None] = {}
+        #: the facts of decided containers (bounded), to judge them when the engine does not answer
+        self._known: dict[str, ContainerFacts] = {}
         #: failed attempts per container (retried with backoff until decided)
         self._attempts: dict[str, int] = {}
         #: failures and retries, also in the store's counters once it answers
@@ -232,8 +234,7 @@ class Enforcer:
         try:
             handled = self.handle(container_id, trigger, event=event)
         except EngineError as exc:
-            self._count("engine_errors")
-            self._retry_later(container_id, f"could not decide on container {container_id[:12]}: {exc}")
+            self._engine_failed(container_id, trigger, exc)
             return None
         except Exception:
             self._count("enforcement_errors")
@@ -243,6 +244,27 @@ class Enforcer:
         with self._lock:
             self._attempts.pop(container_id, None)
         return handled
+
+    def _engine_failed(self, container_id: str, trigger: str, exc: EngineError) -> None:
+        """The engine did not answer about a container (slow, or holding its lock: an unfinished
+        ``docker cp`` upload makes even an inspect wait). A container decided before is judged again on
+        the facts known from then: if the policy now blocks it, its processes are killed through the
+        cgroup at once. Either way the decision is retried until the engine answers."""
+        self._count("engine_errors")
+        with self._lock:
+            facts = self._known.get(container_id)
+        if facts is not None and trigger != "start":
+            policy = self._policy
+            decision = decide(facts, policy, self._evidence())
+            if decision.verdict == "blocked" and policy.enforcement.mode == "enforce":
+                log.warning(
+                    "container %s: the engine does not answer (%s); blocked on what was known of it, killing "
+                    "it through its cgroup",
+                    facts.name or facts.short_id,
+                    exc,
+                )
+                self._kill(facts, None)
+        self._retry_later(container_id, f"could not decide on container {container_id[:12]}: {exc}")
 
     def _retry_later(self, container_id: str, why: str) -> None:
         with self._lock:
@@ -301,13 +323,17 @@ class Enforcer:
         """Decide (and unless ``dry_run``, act) on every container, running or stopped."""
         ids = self.engine.container_ids()
         futures = [
-            self._lanes.submit(cid, partial(self.handle, cid, trigger, dry_run=dry_run)) for cid in ids
+            (cid, self._lanes.submit(cid, partial(self.handle, cid, trigger, dry_run=dry_run))) for cid in ids
         ]
         results = []
-        for fut in futures:
+        for cid, fut in futures:
             try:
                 if (handled := fut.result()) is not None:
                     results.append(handled)
+            except EngineError as exc:
+                log.error("scan: %s", exc)
+                if not dry_run:  # never let go: decided from what is known, and retried
+                    self._lanes.submit(cid, lambda cid=cid, exc=exc: self._engine_failed(cid, trigger, exc))  # type: ignore[misc]
             except ImageGuardError as exc:
                 log.error("scan: %s", exc)
         return results
@@ -480,6 +506,10 @@ class Enforcer:
             self._decided[facts.id] = None
             if len(self._decided) > 16384:
                 del self._decided[next(iter(self._decided))]
+            # what is known of it, for when the engine stops answering about it (_engine_failed)
+            self._known[facts.id] = facts
+            if len(self._known) > 16384:
+                del self._known[next(iter(self._known))]
         self._act(facts, decision, action, grace, wait=trigger not in _OFF_LANE)
         return Handled(record, decision, facts)
 

@@ -157,3 +157,46 @@ def test_containers_left_frozen_by_a_crashed_agent_are_decided_again(
     finally:
         assert proc.stop() == 0, proc.log()
         engine.docker("rm", "-f", "frozen-ok", "frozen-bad", check=False)
+
+
+def test_a_container_whose_lock_dockerd_holds_is_killed_all_the_same(
+    tmp_path: Path, engine: Dockerd, busybox_images: dict[str, str]
+) -> None:
+    """Issue 11: an unfinished ``docker cp`` upload holds the container's lock in dockerd, so inspect, stop and
+    kill through the API all wait. A container that loses its allowance meanwhile is killed through its
+    cgroup, on what the agent knew of it, and removed once dockerd answers again."""
+    import socket
+
+    config = write_config(
+        tmp_path / "config.toml",
+        {
+            "device": {"id": "lock-test"},
+            "engine": {"url": engine.url, "timeout_seconds": 3},
+            "state": {"dir": str(tmp_path / "state")},
+            "enforcement": {"stop_grace_seconds": 1},
+        },
+    )
+    cli(config, "allowlist", "add", busybox_images[ALLOWED], check=True)
+    proc = AgentProcess(config, tmp_path / "agent.log").start()
+    upload = socket.socket(socket.AF_UNIX)
+    try:
+        cid = engine.docker("run", "-d", "--name", "locked", ALLOWED).stdout.strip()
+        proc.wait_log("allowed container locked")
+        pid = int(engine.docker("inspect", "--format", "{{.State.Pid}}", cid).stdout)
+        upload.connect(str(engine.socket))
+        upload.sendall(
+            f"PUT /containers/{cid}/archive?path=/ HTTP/1.1\r\nHost: docker\r\n"
+            "Content-Type: application/x-tar\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+        )
+        upload.sendall(b"200\r\n" + b"\0" * 512 + b"\r\n")  # a tar upload that never finishes
+        cli(config, "allowlist", "remove", busybox_images[ALLOWED], check=True)
+        wait_for(lambda: not Path(f"/proc/{pid}").exists(), 30, what="the locked container's process to die")
+        proc.wait_log("killing it through its cgroup")
+    finally:
+        upload.close()
+        try:
+            wait_for(
+                lambda: engine.docker("inspect", "locked", check=False).returncode != 0, 60, what="removal"
+            )
+        finally:
+            assert proc.stop() == 0, proc.log()
