@@ -120,7 +120,8 @@ class Env:
 @pytest.fixture(scope="module")
 def env(registry_plain: RegistryServer) -> Iterator[Env]:
     root = Path(tempfile.mkdtemp(prefix="ig-az-", dir="/tmp"))  # short: socket paths are limited
-    name = f"imageguard-test-{root.name.removeprefix('ig-az-')}"
+    # mkdtemp's suffix may hold "_", which a plugin reference may not end with or follow a "-" with
+    name = f"imageguard-test-{root.name.removeprefix('ig-az-').replace('_', 'x')}"
     PLUGIN_SPEC_DIR.mkdir(parents=True, exist_ok=True)
     spec = PLUGIN_SPEC_DIR / f"{name}.spec"
     spec.write_text(f"unix://{root / 'plugins' / 'plugin.sock'}\n")
