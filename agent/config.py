@@ -73,6 +73,42 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class ConsoleUser:
+    name: str
+    #: werkzeug's format (``scrypt:...``), made by ``imageguard console hash-password``
+    password_hash: str
+
+
+@dataclass(frozen=True)
+class ConsoleToken:
+    name: str
+    #: hex SHA-256 of the token (``imageguard console new-token`` prints both); the token itself is never stored
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ConsoleServiceConfig:
+    """``imageguard console serve``: the always-on fleet console (agent/console/serve.py)."""
+
+    #: host:port of the dashboard and JSON API; loopback unless ``allow_remote``
+    listen: str = "127.0.0.1:8480"
+    allow_remote: bool = False
+    #: SQLAlchemy URL; default ``sqlite:///<state dir>/console.db``; ``postgresql+psycopg://...`` for fleets
+    database: str | None = None
+    #: this replica's name: its MQTT client ids and its rollout leases (default: the host name)
+    replica: str | None = None
+    #: the MQTT shared-subscription group all replicas of one console join
+    share_group: str = "imageguard-console"
+    users: tuple[ConsoleUser, ...] = ()
+    tokens: tuple[ConsoleToken, ...] = ()
+    #: set when a TLS-terminating proxy is in front (the session cookie is then sent over HTTPS only)
+    cookie_secure: bool = False
+    request_timeout_seconds: float = 10.0
+    #: how long a rollout wave waits for acknowledgements before the silent devices count as offline
+    wave_timeout_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = "info"
     format: Literal["text", "json"] = "text"
@@ -150,6 +186,7 @@ class Config:
     registries: tuple[RegistryConfig, ...] = ()
     mqtt: MqttConfig | None = None
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    console: ConsoleServiceConfig = field(default_factory=ConsoleServiceConfig)
     source: str = "<embedded default>"
 
     def registry(self, host: str) -> RegistryConfig | None:
@@ -227,6 +264,12 @@ def from_dict(data: dict[str, Any], source: str = "<dict>", base: Path | None = 
     if len(hosts) != len(set(hosts)):
         raise ConfigError(f"configuration {source}: at /registries: a host is listed twice")
     state_dir = _path(data.get("state", {}).get("dir"), base) or DEFAULT_STATE_DIR
+    c = dict(data.get("console", {}))
+    c["users"] = tuple(ConsoleUser(**u) for u in c.get("users", ()))
+    c["tokens"] = tuple(ConsoleToken(**t) for t in c.get("tokens", ()))
+    names = [u.name for u in c["users"]] + [t.name for t in c["tokens"]]
+    if len(names) != len(set(names)):
+        raise ConfigError(f"configuration {source}: at /console: a user or token name is listed twice")
     return Config(
         device=device,
         engine=_engine(data.get("engine", {})),
@@ -239,6 +282,7 @@ def from_dict(data: dict[str, Any], source: str = "<dict>", base: Path | None = 
         registries=tuple(registries),
         mqtt=mqtt,
         metrics=MetricsConfig(**data.get("metrics", {})),
+        console=ConsoleServiceConfig(**c),
         source=source,
     )
 

@@ -6,7 +6,7 @@
 source "$(dirname "$0")/lib.sh"
 apt_install dockerd:docker.io docker:docker.io mosquitto:mosquitto mosquitto_pub:mosquitto-clients \
     docker-registry:docker-registry busybox:busybox-static protoc:protobuf-compiler htpasswd:apache2-utils \
-    unshare:util-linux
+    unshare:util-linux pg_ctlcluster:postgresql chromium:chromium chromedriver:chromium-driver
 # the static busybox is what test images are built from
 [ -x /usr/bin/busybox ] && /usr/bin/busybox --help 2>&1 | head -1 | grep -q BusyBox || apt_install x:busybox-static
 ensure_dockerd

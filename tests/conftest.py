@@ -10,6 +10,7 @@ pytest_plugins = [
     "tests.support.fixtures.registry",
     "tests.support.fixtures.mosquitto",
     "tests.support.fixtures.fleet",
+    "tests.support.fixtures.postgres",
 ]
 
 # per-user state (the console's device list when its state directory is not writable) stays inside this

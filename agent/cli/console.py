@@ -113,6 +113,42 @@ def register(sub: Any) -> None:
     )
     q.set_defaults(handler=cmd_sign_policy)
 
+    q = csub.add_parser(
+        "serve",
+        help="the always-on fleet console: inventory, rollouts in waves, live alerts, web dashboard",
+        description="Run the fleet console service: ingest every device message into a database (SQLite "
+        "by default, PostgreSQL by URL), drive rollouts, serve the dashboard and JSON API. Needs [mqtt] and "
+        "at least one [[console.users]] or [[console.tokens]] entry.",
+    )
+    q.add_argument("--listen", metavar="HOST:PORT", help="override [console] listen (default 127.0.0.1:8480)")
+    q.add_argument(
+        "--database",
+        metavar="URL",
+        help="override [console] database: sqlite:///path or postgresql+psycopg://user@host/db "
+        "(also IMAGEGUARD_CONSOLE_DATABASE)",
+    )
+    q.set_defaults(handler=cmd_serve)
+
+    q = csub.add_parser("hash-password", help="print a password hash for a [[console.users]] entry")
+    q.add_argument(
+        "--password-file",
+        metavar="FILE",
+        help="read the password from FILE (else IMAGEGUARD_CONSOLE_PASSWORD, or a prompt asked twice)",
+    )
+    q.set_defaults(handler=cmd_hash_password)
+
+    q = csub.add_parser(
+        "new-token", help="make an API token: prints it once, and its [[console.tokens]] entry"
+    )
+    q.add_argument("name", metavar="NAME", help="what the token is for (the audit log shows token:NAME)")
+    json_flag(q)
+    q.set_defaults(handler=cmd_new_token)
+
+    q = csub.add_parser("db", help="the console database: upgrade its schema, or show its revision")
+    q.add_argument("db_action", choices=("upgrade", "revision"), metavar="upgrade|revision")
+    q.add_argument("--database", metavar="URL", help="as for serve")
+    q.set_defaults(handler=cmd_db)
+
 
 def _timeout(p: argparse.ArgumentParser, default: float) -> None:
     p.add_argument(
@@ -424,4 +460,82 @@ def cmd_sign_policy(args: argparse.Namespace) -> int:
         doc["expires"] = _expiry(args.expires)
     key = _load_signing_key(args.key, args.passphrase_file)
     print(json.dumps(sign_policy(doc, key), indent=2, sort_keys=True))
+    return EXIT_OK
+
+
+# --- the console service -----------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from agent.console.serve import FleetService
+
+    service = FleetService(load_config(args), database=args.database, listen=args.listen)
+    service.start()
+    print(f"imageguard console: serving http://{service.listen.host}:{service.port}/", flush=True)
+    service.serve_forever()
+    return EXIT_OK
+
+
+def _read_password(path: str | None) -> str:
+    import getpass
+
+    if path:
+        try:
+            text = Path(path).read_text(encoding="utf-8").rstrip("\n")
+        except OSError as exc:
+            raise InputError(f"--password-file {path}: cannot read: {exc.strerror}") from None
+    elif os.environ.get("IMAGEGUARD_CONSOLE_PASSWORD"):
+        text = os.environ["IMAGEGUARD_CONSOLE_PASSWORD"]
+    elif sys.stdin.isatty():
+        text = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != text:
+            raise InputError("the two passwords differ")
+    else:
+        raise InputError(
+            "give the password with --password-file, IMAGEGUARD_CONSOLE_PASSWORD or on a terminal"
+        )
+    if len(text) < 12:
+        raise InputError("the password is shorter than 12 characters")
+    return text
+
+
+def cmd_hash_password(args: argparse.Namespace) -> int:
+    from werkzeug.security import generate_password_hash
+
+    print(generate_password_hash(_read_password(args.password_file), method="scrypt"))
+    return EXIT_OK
+
+
+def cmd_new_token(args: argparse.Namespace) -> int:
+    import hashlib
+    import re
+    import secrets
+
+    if not re.fullmatch(r"[A-Za-z0-9._@-]{1,64}", args.name):
+        raise InputError(f"token name {args.name!r}: use 1-64 letters, digits and . _ @ -")
+    token = "igc_" + secrets.token_urlsafe(32)
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    entry = f'[[console.tokens]]\nname = "{args.name}"\nsha256 = "{digest}"'
+    emit(
+        args,
+        {"name": args.name, "token": token, "sha256": digest},
+        f"token (shown once; send it as 'Authorization: Bearer ...'):\n{token}\n\n"
+        f"add to the console's configuration:\n{entry}",
+    )
+    return EXIT_OK
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    from agent.console.fleetdb import FleetStore, default_url
+
+    cfg = load_config(args)
+    url = args.database or cfg.console.database or os.environ.get("IMAGEGUARD_CONSOLE_DATABASE")
+    store = FleetStore(url or default_url(cfg.state_dir))
+    try:
+        if args.db_action == "upgrade":
+            print(f"console database at revision {store.migrate()}")
+        else:
+            print(store.revision() or "empty (never migrated)")
+    finally:
+        store.close()
     return EXIT_OK

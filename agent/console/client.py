@@ -312,9 +312,17 @@ class ConsoleClient:
     Every message on a subscription lands in :attr:`messages` (bounded; paho's thread waits when full).
     """
 
-    def __init__(self, config: MqttConfig, client_id: str) -> None:
+    def __init__(
+        self,
+        config: MqttConfig,
+        client_id: str,
+        *,
+        on_message: Callable[[str, bytes], None] | None = None,
+    ) -> None:
         self.config = config
         self.client_id = client_id
+        #: when given, messages go to it (on paho's thread) instead of :attr:`messages`
+        self.on_message = on_message
         self.messages: queue.Queue[tuple[str, bytes]] = queue.Queue(_QUEUE_BOUND)
         self._host, self._port, _ = broker_address(config.url)
         self._connected = threading.Event()
@@ -401,6 +409,9 @@ class ConsoleClient:
             done.set()
 
     def _on_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
+        if self.on_message is not None:
+            self.on_message(msg.topic, bytes(msg.payload))
+            return
         self.messages.put((msg.topic, bytes(msg.payload)))
 
 

@@ -29,6 +29,7 @@ from agent.control.gate import PolicyGate
 from agent.control.instances import control_routes
 from agent.control.service import ApplyResult, Service
 from agent.core.anchors import TrustAnchor
+from agent.core.decision import Evidence, decide
 from agent.core.digest import Digest
 from agent.core.envelope import claimed_version
 from agent.core.imageref import ImageRef
@@ -170,6 +171,84 @@ def put_policy(ctx: ControlContext, req: Request) -> Response:
         _reject(ctx, DEVICE_LAYER, doc, exc, source)
         raise
     return _result(ctx.service.apply_layer(layer, source=source))  # rollback: RollbackError -> 400
+
+
+def _held_group(ctx: ControlContext, group: str) -> str:
+    if group not in ctx.config.device.groups:
+        raise ControlError(
+            404,
+            f"group {group!r} is not one of this device's groups "
+            f"({', '.join(ctx.config.device.groups) or 'none'})",
+        )
+    return group_layer(group)
+
+
+def put_fleet_layer(ctx: ControlContext, req: Request) -> Response:
+    """A group's layer sent to this one device (a console rollout's wave), with every check a retained fleet
+    layer gets: signature, target, schema, version. The outcome is acknowledged on ``.../policy`` too."""
+    layer_name = _held_group(ctx, req.params["group"])
+    source = _source(req)
+    doc: Any = None
+    try:
+        doc = req.require_json()
+        validate(doc, "control/put-policy.request", f"PUT fleet/{req.params['group']} request")
+        layer = accept_layer_document(ctx, doc, layer_name, source)
+    except ImageGuardError as exc:
+        _reject(ctx, layer_name, doc, exc, source)
+        raise
+    return _result(ctx.service.apply_layer(layer, source=source))
+
+
+def exec_policy_dry_run(ctx: ControlContext, req: Request) -> Response:
+    """What a layer would do to the running containers, changing nothing: each is decided under the policy
+    with that layer in place, from the allowlist and the verified digests (no registry is asked)."""
+    doc = body(req, "exec-dry-run.request", "EXEC policy/dry-run request")
+    layer_name = doc.get("layer", DEVICE_LAYER)
+    if layer_name != DEVICE_LAYER:
+        _held_group(ctx, layer_name.removeprefix("group:"))
+    layer = ctx.policy_gate.accept(doc["document"], layer_name)
+    held = next((lyr.version for lyr in ctx.service.store.layers() if lyr.name == layer_name), 0)
+    now_policy, then_policy = ctx.service.effective(), ctx.service.effective(replacing=layer)
+    evidence = Evidence(ctx.service.store.verified(), {})
+    try:
+        ids = ctx.engine.container_ids()
+    except EngineError as exc:
+        raise ControlError(500, f"the container engine cannot be reached: {exc.message}") from None
+    rows = []
+    for cid in ids:
+        try:
+            facts = ctx.engine.container_facts(cid)
+        except (Gone, EngineError):
+            continue
+        if facts.state != "running":
+            continue
+        now, then = decide(facts, now_policy, evidence), decide(facts, then_policy, evidence)
+        rows.append(
+            {
+                "id": facts.id,
+                "name": facts.name,
+                "image": facts.image,
+                "now": now.verdict or "needs-verification",
+                "then": then.verdict or "needs-verification",
+                "reason": str(then.reason),
+                "detail": then.detail,
+            }
+        )
+    return Response.of_json(
+        {
+            "layer": layer_name,
+            "version": layer.version,
+            "held_version": held,
+            "version_status": "newer"
+            if layer.version > held
+            else "unchanged"
+            if layer.version == held
+            else "older",
+            "running": len(rows),
+            "would_block": sum(1 for r in rows if r["then"] != "allowed" and r["now"] == "allowed"),
+            "containers": rows,
+        }
+    )
 
 
 # --- allowlist -------------------------------------------------------------------------------------------
@@ -382,6 +461,8 @@ def exec_verify(ctx: ControlContext, req: Request) -> Response:
 _TABLE: Mapping[Route, Callable[[ControlContext, Request], Response]] = {
     ("GET", ("policy",)): get_policy,
     ("PUT", ("policy",)): put_policy,
+    ("PUT", ("fleet", "{group}")): put_fleet_layer,
+    ("EXEC", ("policy", "dry-run")): exec_policy_dry_run,
     ("GET", ("allowlist",)): get_allowlist,
     ("POST", ("allowlist",)): post_allowlist,
     ("DEL", ("allowlist", "{digest}")): del_allowlist,

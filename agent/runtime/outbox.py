@@ -43,6 +43,7 @@ REPORTED = "outbox_drops_reported."
 #: records enforcement could not store at all (agent/runtime/recorder.py)
 LOST = "records_lost."
 DROPS_TOPIC = "drops"
+SEQ_METRIC = "imageguard.seq"
 _MAX_METRIC_TEXT = 1024
 
 
@@ -64,10 +65,14 @@ def _timestamp_ms(text: Any) -> int:
     return int(time.time() * 1000)
 
 
-def telemetry_message(message: Mapping[str, Any]) -> KuraMessage:
+def telemetry_message(message: Mapping[str, Any], seq: int | None = None) -> KuraMessage:
     """A KuraPayload for one telemetry message: its time, its top-level scalar fields as metrics (so a
-    Kura-aware consumer can filter without parsing), and the whole JSON document as the body."""
+    Kura-aware consumer can filter without parsing), and the whole JSON document as the body. ``seq`` (the
+    outbox row, increasing per device) becomes the ``imageguard.seq`` metric: consumers that receive one
+    device's messages out of order (shared subscriptions) restore its order with it."""
     metrics: dict[str, MetricValue] = {}
+    if seq is not None:
+        metrics[SEQ_METRIC] = MetricValue.int64(seq)
     for key, value in message.items():
         if isinstance(value, bool):
             metrics[key] = MetricValue.boolean(value)
@@ -241,7 +246,7 @@ class OutboxDrainer:
     def _publish_row(self, row: QueuedMessage) -> bool:
         try:
             topic = row.topic or self.topics.data(row.kind)  # type: ignore[arg-type]
-            payload = self.codec.encode(telemetry_message(row.message))
+            payload = self.codec.encode(telemetry_message(row.message, row.seq))
         except (ValueError, PayloadError) as exc:
             log.error(
                 "telemetry: outbox row %d (%s) cannot be published and is dropped: %s", row.seq, row.kind, exc

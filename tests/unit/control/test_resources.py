@@ -285,3 +285,53 @@ def test_a_remote_spec_cannot_ask_for_the_host(h: Harness) -> None:
     )
     assert code == 403 and message and "exposes / of the host" in message
     assert h.ok("get-policy.reply", "GET", "policy")["version"] == 0, "nothing changed"
+
+
+def test_fleet_layer_by_request_gets_every_check_of_a_retained_one(h: Harness) -> None:
+    doc = {"version": 4, "allowlist": [{"digest": D1, "comment": "canary"}]}
+    assert h.ok("apply-result.reply", "PUT", "fleet", "g1", body=doc) == {
+        "layer": "group:g1",
+        "version": 4,
+        "status": "applied",
+        "revoked": 0,
+    }
+    assert h.ok("apply-result.reply", "PUT", "fleet", "g1", body=doc)["status"] == "unchanged"
+    code, message, _ = h.call("PUT", "fleet", "g1", body={**doc, "version": 3})
+    assert code == 400 and message and "older" in message
+    # a fleet layer holds no enforcement; a group this device is not in is not its to take
+    code, message, _ = h.call("PUT", "fleet", "g1", body={"version": 5, "enforcement": {"mode": "audit"}})
+    assert code == 400
+    code, message, _ = h.call("PUT", "fleet", "g2", body={"version": 5})
+    assert code == 404 and message and "g2" in message
+    assert h.ok("get-policy.reply", "GET", "policy", body={"layer": "group:g1"})["version"] == 4
+    assert [(e["layer"], e["version"], e["status"]) for e in h.policy_events()] == [
+        ("group:g1", 4, "applied"),
+        ("group:g1", 4, "unchanged"),
+        ("group:g1", 3, "rejected"),
+        ("group:g1", 5, "rejected"),
+    ]
+
+
+def test_fleet_layer_by_request_must_be_signed_on_a_signing_device(tmp_path: Path) -> None:
+    h = Harness(tmp_path, signing_key=True)
+    code, _, _ = h.call("PUT", "fleet", "g1", body={"version": 9, "allowlist": []})
+    assert code == 403
+    assert h.ok("get-policy.reply", "GET", "policy", body={"layer": "group:g1"})["version"] == 0
+
+
+def test_dry_run_changes_nothing_and_checks_its_document(h: Harness) -> None:
+    # without an engine the dry run cannot look at containers: 500, and the layer was not stored
+    code, message, _ = h.call(
+        "EXEC", "policy", "dry-run", body={"layer": "group:g1", "document": {"version": 2}}
+    )
+    assert code == 500 and message and "engine" in message
+    assert h.ok("get-policy.reply", "GET", "policy", body={"layer": "group:g1"})["version"] == 0
+    assert h.policy_events() == []
+    for bad, want in (
+        ({"layer": "group:g1"}, 400),
+        ({"layer": "group:g1", "document": {"version": 1, "surprise": 1}}, 400),
+        ({"layer": "group:nope", "document": {"version": 1}}, 404),
+        ({"layer": "nonsense", "document": {"version": 1}}, 400),
+    ):
+        code, _, _ = h.call("EXEC", "policy", "dry-run", body=bad)
+        assert code == want, bad
