@@ -277,8 +277,10 @@ class FleetStore:
         """Store a batch in one transaction; returns how many were new (the rest were duplicates)."""
         now = time.time() if now is None else now
         new = 0
+        # rows are locked device by device in name order, so replicas committing at once never deadlock;
+        # the sort is stable, so one device's messages keep their order
         with self._tx() as conn:
-            for m in batch:
+            for m in sorted(batch, key=lambda m: m.device):
                 took = conn.execute(
                     self._insert(messages)
                     .values(
@@ -292,8 +294,9 @@ class FleetStore:
                         data=_dumps(m.data),
                     )
                     .on_conflict_do_nothing(index_elements=["id"])
-                ).rowcount
-                if took:
+                    .returning(messages.c.id)  # a row back only when it was new (rowcount is not portable)
+                ).first()
+                if took is not None:
                     new += 1
                     self._apply(conn, m, now)
         return new
@@ -415,9 +418,10 @@ class FleetStore:
             total, online = conn.execute(
                 sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(sa.case((d.online, 1), else_=0)), 0))
             ).one()
-            modes: dict[str, int] = dict(
-                conn.execute(sa.select(d.enforcement, sa.func.count()).group_by(d.enforcement)).tuples().all()
-            )
+            modes: dict[str, int] = {
+                str(k): int(v)
+                for k, v in conn.execute(sa.select(d.enforcement, sa.func.count()).group_by(d.enforcement))
+            }
             group_rows = conn.execute(sa.select(d.groups, d.online, d.policy_layers)).all()
         groups: dict[str, dict[str, Any]] = {}
         for text, is_online, layers in group_rows:

@@ -327,7 +327,7 @@ def create_app(ctx: WebContext) -> Flask:
             "overview.html",
             "overview_live.html",
             fleet=fleet_doc(),
-            chart=alerts_chart(window),
+            alert_chart=alerts_chart(window),
             alerts=ctx.store.messages(kind="alerts", limit=20),
             rollouts=rollouts_list(10),
         )

@@ -205,7 +205,11 @@ def test_dry_run_pause_abort_and_rollback(
     assert rb["state"] == "completed" and rb["rollback_of"] == rid3 and rb["version"] == 4
     for device in ("gw-x", "gw-y"):
         code, held = fleet.request(device, "GET", "policy", {"layer": "group:shop"})
-        assert held["version"] == 4 and held["allowlist"] == [{"digest": other, "comment": "shop image"}]
+        assert (
+            code == 200
+            and held["version"] == 4
+            and held["allowlist"] == [{"digest": other, "comment": "shop image"}]
+        )
     # every change is in the audit log with who made it
     actions = [(e["user"], e["action"]) for e in service.get("/api/audit")["audit"]]
     assert ("token:ci", "rollout.rollback") in actions and ("token:ci", "rollout.abort") in actions
