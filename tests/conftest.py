@@ -11,6 +11,7 @@ pytest_plugins = [
     "tests.support.fixtures.mosquitto",
     "tests.support.fixtures.fleet",
     "tests.support.fixtures.postgres",
+    "tests.support.fixtures.browser",
 ]
 
 # per-user state (the console's device list when its state directory is not writable) stays inside this
