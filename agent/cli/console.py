@@ -24,7 +24,7 @@ from typing import Any, TextIO
 from agent.cli.common import EXIT_NEGATIVE, EXIT_OK, emit, json_flag, load_config, read_json_file
 from agent.config import Config
 from agent.core.policy import PolicyLayer, group_layer
-from agent.errors import InputError
+from agent.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -466,7 +466,24 @@ def cmd_sign_policy(args: argparse.Namespace) -> int:
 # --- the console service -----------------------------------------------------------------------------
 
 
+def _console_extra() -> None:
+    """The service's libraries are an extra: say how to get them rather than fail on an import."""
+    import importlib.util
+
+    missing = [
+        m
+        for m in ("flask", "flask_wtf", "waitress", "sqlalchemy", "alembic")
+        if not importlib.util.find_spec(m)
+    ]
+    if missing:
+        raise ConfigError(
+            f"the console service needs {', '.join(missing)}: install the console extra, "
+            "pip install 'imageguard-agent[console]'"
+        )
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    _console_extra()
     from agent.console.serve import FleetService
 
     service = FleetService(load_config(args), database=args.database, listen=args.listen)
@@ -526,6 +543,7 @@ def cmd_new_token(args: argparse.Namespace) -> int:
 
 
 def cmd_db(args: argparse.Namespace) -> int:
+    _console_extra()
     from agent.console.fleetdb import FleetStore, default_url
 
     cfg = load_config(args)

@@ -373,6 +373,11 @@ class FleetStore:
             )
         elif m.kind == "policy":
             self._acknowledge(conn, m, now)
+        elif m.kind == "drops":  # the outbox's own report: ``total`` counts every drop so far
+            total = _int(data.get("total"))
+            conn.execute(
+                sa.update(devices).where(mine, d.outbox_dropped < total).values(outbox_dropped=total)
+            )
 
     def _acknowledge(self, conn: Connection, m: Stored, now: float) -> None:
         """A policy acknowledgement answers the device's row in every active rollout of that layer version."""

@@ -45,6 +45,8 @@ from agent.errors import BrokerError, PayloadError
 log = logging.getLogger(__name__)
 
 SEQ_METRIC = "imageguard.seq"  # agent/runtime/outbox.py
+#: the device telemetry the console keeps: DATA_KINDS and the outbox's drop reports
+KINDS = (*DATA_KINDS, "drops")
 _BATCH = 500
 _RETRY_SECONDS = (0.2, 0.5, 1.0, 2.0, 5.0)
 
@@ -82,7 +84,7 @@ def decode(
     """A message to store, or None when the topic is not one of a device's (pure)."""
     parts = topic.split("/")
     kind: str | None = None
-    if len(parts) == 4 and parts[0] == account and parts[2] == APP_ID and parts[3] in DATA_KINDS:
+    if len(parts) == 4 and parts[0] == account and parts[2] == APP_ID and parts[3] in KINDS:
         kind, device = parts[3], parts[1]
     elif (
         len(parts) == 5
@@ -109,7 +111,7 @@ def decode(
     data = message_data(message)
     seq_metric = message.metrics.get(SEQ_METRIC)
     seq = seq_metric.value if seq_metric is not None and isinstance(seq_metric.value, int) else None
-    mid = data.get("id") if kind in DATA_KINDS else None
+    mid = data.get("id") if kind in KINDS else None
     ident = f"{device}:{mid}" if isinstance(mid, str) and 0 < len(mid) <= 64 else _digest(topic, payload)
     ts = message.timestamp_ms if message.timestamp_ms else received_ms
     return Stored(ident, device, kind, int(ts), seq, data)
@@ -140,7 +142,7 @@ class Ingestor:
         self.account, self.prefix = mqtt.account, mqtt.control_prefix
         self.on_stored = on_stored
         self.stats = IngestStats()
-        self.filters = [(f"$share/{share_group}/{self.account}/+/{APP_ID}/{k}", 1) for k in DATA_KINDS]
+        self.filters = [(f"$share/{share_group}/{self.account}/+/{APP_ID}/{k}", 1) for k in KINDS]
         self.filters.append((f"{self.prefix}/{self.account}/+/MQTT/+", 1))
         if self.prefix != LWT_PREFIX:
             self.filters.append((f"{LWT_PREFIX}/{self.account}/+/MQTT/LWT", 1))

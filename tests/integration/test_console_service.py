@@ -134,9 +134,13 @@ def test_rollout_in_waves_converges_and_a_blocked_container_raises_an_alert(
 def test_rollout_stops_on_rejections_and_never_reaches_the_next_wave(
     fleet: Fleet, service: ConsoleService, tmp_path: Path
 ) -> None:
-    from tests.support.keys import public_pem
+    from cryptography.hazmat.primitives.asymmetric import ec
 
-    (tmp_path / "policy.pub").write_text(public_pem())
+    from agent.verify.cosign.keys import public_key_pem
+    from agent.verify.policy_signature import sign_policy
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    (tmp_path / "policy.pub").write_bytes(public_key_pem(key.public_key()))
     # the canary (first by name) requires signed policy: an unsigned layer is rejected there
     fleet.start(("a-strict", ["edge"], "enforce"), policy_signing_key=str(tmp_path / "policy.pub"))
     fleet.start(("b-open", ["edge"], "enforce"), ("c-open", ["edge"], "enforce"))
@@ -156,6 +160,17 @@ def test_rollout_stops_on_rejections_and_never_reaches_the_next_wave(
     # a stopped rollout cannot be resumed or aborted
     assert service.api("POST", f"/api/rollouts/{rid}/resume").status_code == 409
     assert service.api("POST", f"/api/rollouts/{rid}/abort").status_code == 409
+
+    # the same change, signed (imageguard console sign-policy): every device takes it
+    signed = sign_policy({"version": 4, "target": {"group": "edge"}}, key)
+    r = service.api("POST", "/api/rollouts", {"group": "edge", "document": signed, "waves": "1,100%"})
+    assert r.status_code == 201, r.text
+    done = _wait_state(service, r.json()["id"], "completed", "stopped")
+    assert done["state"] == "completed" and {d["state"] for d in done["devices"]} == {"applied"}, done
+    # a signed envelope for another group is refused before anything is sent
+    wrong = sign_policy({"version": 5, "target": {"group": "other"}}, key)
+    r = service.api("POST", "/api/rollouts", {"group": "edge", "document": wrong})
+    assert r.status_code == 400 and "target" in r.json()["error"]
 
 
 def test_dry_run_pause_abort_and_rollback(
@@ -231,3 +246,32 @@ def test_rollout_state_survives_a_service_restart(fleet: Fleet, service: Console
     assert service.get("/api/devices/gw-r")["device"] == "gw-r"
     assert service.api("POST", f"/api/rollouts/{rid}/resume").status_code == 200
     assert _wait_state(service, rid, "completed", "stopped")["state"] == "completed"
+
+
+def test_an_offline_device_is_shown_offline_and_catches_up_from_the_retained_layer(
+    fleet: Fleet, service: ConsoleService
+) -> None:
+    fleet.start(("gw-on", ["yard"], "enforce"), ("gw-off", ["yard"], "enforce"))
+    service.start()
+    wait_for(lambda: len(service.get("/api/devices?online=true")["devices"]) == 2, 30, 0.2)
+    fleet.agents["gw-off"].stop()
+    wait_for(lambda: not service.get("/api/devices/gw-off")["online"], 30, 0.2)
+
+    rid = service.api("POST", "/api/rollouts", {"group": "yard", "document": {"version": 6}}).json()["id"]
+    done = _wait_state(service, rid, "completed", "stopped")
+    rows = {d["device"]: d for d in done["devices"]}
+    assert done["state"] == "completed"
+    assert (rows["gw-on"]["state"], rows["gw-off"]["state"]) == ("applied", "offline")
+    assert "offline" in rows["gw-off"]["reason"]
+    assert done["progress"]["converged"] == 50.0
+
+    # back online: the broker hands it the retained layer, its acknowledgement completes the picture
+    fleet.agents["gw-off"].start(wait_scan=False)
+    fleet.agents["gw-off"].wait_log("mqtt: connected", timeout=30)
+
+    def caught_up() -> bool:
+        return {d["device"]: d["state"] for d in _rollout(service, rid)["devices"]}["gw-off"] == "applied"
+
+    wait_for(caught_up, 30, 0.2, what="gw-off acknowledged the retained layer")
+    assert _rollout(service, rid)["progress"]["converged"] == 100.0
+    assert service.get("/api/devices/gw-off")["online"]

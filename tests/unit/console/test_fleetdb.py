@@ -51,6 +51,23 @@ def test_inventory_keeps_the_device_order_whatever_the_arrival(store: FleetStore
     assert gw is not None and gw["online"] is True and gw["agent_version"] == "0.2.0"
 
 
+def test_drop_reports_raise_the_device_count(store: FleetStore) -> None:
+    store.store_messages([birth("gw", 1, imageguard_outbox_dropped="3")], "r1")
+    report = {"id": "x", "dropped": {"verdicts": 4}, "total": 7}
+    store.store_messages([Stored("gw:x", "gw", "drops", 2, 9, report)], "r1")
+    assert store.device("gw")["outbox_dropped"] == 7  # type: ignore[index]
+    codec = PayloadCodec()
+    m = decode(
+        "acme/gw/CONTAINER-AUTH-V1/drops",
+        codec.encode(telemetry_message(report)),
+        account="acme",
+        prefix="$EDC",
+        codec=codec,
+        received_ms=1,
+    )
+    assert m is not None and m.kind == "drops" and m.id == "gw:x"
+
+
 def test_acknowledgements_answer_active_rollouts(store: FleetStore) -> None:
     row = {
         "id": "r1",
