@@ -388,6 +388,16 @@ class ConsoleClient:
         if not info.is_published():
             raise BrokerError(f"the broker did not acknowledge the publish to {topic} within {timeout:g}s")
 
+    def publish_nowait(self, topic: str, payload: bytes, *, qos: int = 1) -> None:
+        """Queue a publish without waiting for its PUBACK (many requests in flight at once); a failure to
+        queue it raises, a message the broker never takes shows as the caller's reply timeout."""
+        try:
+            info = self._client.publish(topic, payload, qos)
+        except (ValueError, RuntimeError) as exc:
+            raise BrokerError(f"cannot publish to {topic}: {exc}") from None
+        if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):  # NO_CONN: sent on reconnect
+            raise BrokerError(f"cannot publish to {topic}: {paho.error_string(info.rc)}")
+
     def next_message(self, timeout: float) -> tuple[str, bytes] | None:
         try:
             return self.messages.get(timeout=max(0.0, timeout))

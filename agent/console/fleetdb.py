@@ -17,9 +17,11 @@ state is the one the device's order gives.
 from __future__ import annotations
 
 import json
+import logging
 import secrets
+import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -30,6 +32,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from agent.errors import ConfigError, ImageGuardError
+
+log = logging.getLogger(__name__)
 
 metadata = sa.MetaData()
 
@@ -149,6 +153,9 @@ PENDING, SENT, APPLIED, UNCHANGED, REJECTED, OFFLINE = (
 HOLDS = (APPLIED, UNCHANGED)
 
 
+ALERTS_CHANNEL = "imageguard_alerts"
+
+
 class FleetDbError(ImageGuardError):
     """The console's database cannot be used (unreachable, wrong schema, refused a write)."""
 
@@ -177,10 +184,80 @@ def default_url(state_dir: Path) -> str:
     return f"sqlite:///{state_dir / 'console.db'}"
 
 
-def _newer(ts_col: sa.ColumnElement[Any], seq_col: sa.ColumnElement[Any], ts: int, seq: int | None) -> Any:
+def _newer(ts_col: sa.ColumnElement[Any], seq_col: sa.ColumnElement[Any], ts: Any, seq: Any) -> Any:
     """The stored (ts, seq) is older than the message's: a column that was never set is older than all."""
-    s = -1 if seq is None else seq
+    s = sa.func.coalesce(seq, -1)
     return sa.or_(ts_col.is_(None), ts_col < ts, sa.and_(ts_col == ts, sa.func.coalesce(seq_col, -1) < s))
+
+
+def _order(m: Stored) -> tuple[int, int]:
+    return (m.device_ts, -1 if m.seq is None else m.seq)
+
+
+@dataclass
+class _DeviceChange:
+    """What one batch's new messages change for one device."""
+
+    decisions: int = 0
+    alerts: int = 0
+    last_decision: Stored | None = None
+    last_alert: Stored | None = None
+    lifecycle: Stored | None = None
+    drops_total: int | None = None
+
+    def add(self, m: Stored) -> None:
+        if m.kind == "verdicts":
+            self.decisions += 1
+            if self.last_decision is None or _order(m) > _order(self.last_decision):
+                self.last_decision = m
+        elif m.kind == "alerts":
+            self.alerts += 1
+            if self.last_alert is None or _order(m) > _order(self.last_alert):
+                self.last_alert = m
+        elif m.kind in ("BIRTH", "APPS", "DC", "LWT"):
+            if self.lifecycle is None or m.device_ts >= self.lifecycle.device_ts:
+                self.lifecycle = m
+        elif m.kind == "drops":
+            self.drops_total = max(self.drops_total or 0, _int(m.data.get("total")))
+
+
+def _new_device(name: str, now: float) -> dict[str, Any]:
+    return {
+        "device": name,
+        "first_seen": now,
+        "last_seen": now,
+        "online": False,
+        "status_since": now,
+        "status_ts": 0,
+        "groups": "",
+        "display_name": "",
+        "agent_version": "",
+        "policy_version": "",
+        "policy_layers": "",
+        "enforcement": "",
+        "outbox_dropped": 0,
+        "records_lost": 0,
+        "decisions": 0,
+        "alerts": 0,
+    }
+
+
+def _birth_params(device: str, m: Stored, now: float) -> dict[str, Any]:
+    data = m.data
+    groups = [g for g in str(data.get("imageguard_groups", "")).split(",") if g]
+    return {
+        "b_device": device,
+        "b_ts": m.device_ts,
+        "b_now": now,
+        "b_groups": "," + ",".join(groups) + "," if groups else "",
+        "b_name": str(data.get("display_name", "")),
+        "b_version": str(data.get("imageguard_version", "")),
+        "b_policy": str(data.get("imageguard_policy_version", "")),
+        "b_layers": str(data.get("imageguard_policy_layers", "")),
+        "b_mode": str(data.get("imageguard_enforcement", "")),
+        "b_dropped": _int(data.get("imageguard_outbox_dropped")),
+        "b_lost": _int(data.get("imageguard_records_lost")),
+    }
 
 
 class FleetStore:
@@ -274,110 +351,147 @@ class FleetStore:
     # --- ingest ----------------------------------------------------------------------------------
 
     def store_messages(self, batch: Sequence[Stored], replica: str, now: float | None = None) -> int:
-        """Store a batch in one transaction; returns how many were new (the rest were duplicates)."""
-        now = time.time() if now is None else now
-        new = 0
-        # rows are locked device by device in name order, so replicas committing at once never deadlock;
-        # the sort is stable, so one device's messages keep their order
-        with self._tx() as conn:
-            for m in sorted(batch, key=lambda m: m.device):
-                took = conn.execute(
-                    self._insert(messages)
-                    .values(
-                        id=m.id,
-                        device=m.device,
-                        kind=m.kind,
-                        device_ts=m.device_ts,
-                        seq=m.seq,
-                        received_at=now,
-                        replica=replica,
-                        data=_dumps(m.data),
-                    )
-                    .on_conflict_do_nothing(index_elements=["id"])
-                    .returning(messages.c.id)  # a row back only when it was new (rowcount is not portable)
-                ).first()
-                if took is not None:
-                    new += 1
-                    self._apply(conn, m, now)
-        return new
+        """Store a batch in one transaction; returns how many were new (the rest were duplicates).
 
-    def _apply(self, conn: Connection, m: Stored, now: float) -> None:
-        conn.execute(
-            self._insert(devices)
-            .values(
-                device=m.device,
-                first_seen=now,
-                last_seen=now,
-                online=False,
-                status_since=now,
-                status_ts=0,
-                groups="",
-                display_name="",
-                agent_version="",
-                policy_version="",
-                policy_layers="",
-                enforcement="",
-                outbox_dropped=0,
-                records_lost=0,
-                decisions=0,
-                alerts=0,
+        A handful of statements per batch, not per message: the messages in one multi-row insert that
+        returns the ids that were new, then one update per device of what those new messages change.
+        Device rows are updated in name order, so replicas committing at once never deadlock.
+        """
+        now = time.time() if now is None else now
+        unique: dict[str, Stored] = {}
+        for m in batch:  # a batch may hold a redelivered copy of one of its own messages
+            unique.setdefault(m.id, m)
+        if not unique:
+            return 0
+        names = sorted({m.device for m in unique.values()})
+        with self._tx() as conn:
+            conn.execute(
+                self._insert(devices).on_conflict_do_nothing(index_elements=["device"]),
+                [_new_device(n, now) for n in names],
             )
-            .on_conflict_do_nothing(index_elements=["device"])
+            inserted = conn.execute(
+                self._insert(messages).on_conflict_do_nothing(index_elements=["id"]).returning(messages.c.id),
+                [
+                    {
+                        "id": m.id,
+                        "device": m.device,
+                        "kind": m.kind,
+                        "device_ts": m.device_ts,
+                        "seq": m.seq,
+                        "received_at": now,
+                        "replica": replica,
+                        "data": _dumps(m.data),
+                    }
+                    for m in unique.values()
+                ],
+            )
+            fresh = {row.id for row in inserted}  # RETURNING gives only rows that were new
+            new = [m for m in unique.values() if m.id in fresh]
+            if new:
+                self._apply(conn, new, now)
+            if self.dialect == "postgresql" and any(m.kind == "alerts" for m in new):
+                # delivered at commit to every replica's listener: their dashboards' long polls wake at once
+                conn.execute(sa.text(f"SELECT pg_notify('{ALERTS_CHANNEL}', '')"))
+        return len(new)
+
+    def listen_alerts(self, on_alert: Callable[[], None], stop: threading.Event) -> None:
+        """PostgreSQL only: call ``on_alert`` whenever any replica stored new alerts (LISTEN/NOTIFY).
+        Runs until ``stop``; reconnects after a failure. The caller gives it a thread."""
+        import psycopg
+
+        dsn = self.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        while not stop.is_set():
+            try:
+                with psycopg.connect(dsn, autocommit=True) as conn:
+                    conn.execute(f"LISTEN {ALERTS_CHANNEL}")
+                    while not stop.is_set():
+                        if any(True for _ in conn.notifies(timeout=1.0, stop_after=1)):
+                            on_alert()
+            except psycopg.Error as exc:
+                log.warning("console: alert notifications from the database stopped (%s); retrying", exc)
+                stop.wait(2.0)
+
+    def _apply(self, conn: Connection, new: Sequence[Stored], now: float) -> None:
+        """What new messages change in the inventory (and in rollouts: acknowledgements)."""
+        per: dict[str, _DeviceChange] = {}
+        for m in new:  # arrival order; newest-by-device-order is chosen with (ts, seq) below
+            per.setdefault(m.device, _DeviceChange()).add(m)
+        d, bp = devices.c, sa.bindparam
+        mine = d.device == bp("b_device")
+        order = sorted(per)
+        conn.execute(
+            sa.update(devices)
+            .where(mine)
+            .values(
+                last_seen=bp("b_now"),
+                decisions=d.decisions + bp("b_decisions"),
+                alerts=d.alerts + bp("b_alerts"),
+            ),
+            [
+                {"b_device": k, "b_now": now, "b_decisions": per[k].decisions, "b_alerts": per[k].alerts}
+                for k in order
+            ],
         )
-        d = devices.c
-        mine = d.device == m.device
-        conn.execute(sa.update(devices).where(mine).values(last_seen=now))
-        data = m.data
-        if m.kind in ("BIRTH", "APPS"):
-            groups = [g for g in str(data.get("imageguard_groups", "")).split(",") if g]
+        life = [(k, lc) for k in order if (lc := per[k].lifecycle) is not None]
+        births = [(k, m) for k, m in life if m.kind in ("BIRTH", "APPS")]
+        if births:
             conn.execute(
                 sa.update(devices)
-                .where(mine, d.status_ts <= m.device_ts)
+                .where(mine, d.status_ts <= bp("b_ts"))
                 .values(
                     online=True,
-                    status_since=sa.case((d.online.is_(True), d.status_since), else_=now),
-                    status_ts=m.device_ts,
-                    groups="," + ",".join(groups) + "," if groups else "",
-                    display_name=str(data.get("display_name", "")),
-                    agent_version=str(data.get("imageguard_version", "")),
-                    policy_version=str(data.get("imageguard_policy_version", "")),
-                    policy_layers=str(data.get("imageguard_policy_layers", "")),
-                    enforcement=str(data.get("imageguard_enforcement", "")),
-                    outbox_dropped=_int(data.get("imageguard_outbox_dropped")),
-                    records_lost=_int(data.get("imageguard_records_lost")),
-                )
+                    status_since=sa.case((d.online.is_(True), d.status_since), else_=bp("b_now")),
+                    status_ts=bp("b_ts"),
+                    groups=bp("b_groups"),
+                    display_name=bp("b_name"),
+                    agent_version=bp("b_version"),
+                    policy_version=bp("b_policy"),
+                    policy_layers=bp("b_layers"),
+                    enforcement=bp("b_mode"),
+                    outbox_dropped=bp("b_dropped"),
+                    records_lost=bp("b_lost"),
+                ),
+                [_birth_params(k, m, now) for k, m in births],
             )
-        elif m.kind in ("DC", "LWT"):
+        gone = [(k, m) for k, m in life if m.kind in ("DC", "LWT")]
+        if gone:
             conn.execute(
                 sa.update(devices)
-                .where(mine, d.status_ts <= m.device_ts)
+                .where(mine, d.status_ts <= bp("b_ts"))
                 .values(
                     online=False,
-                    status_since=sa.case((d.online.is_(True), now), else_=d.status_since),
-                    status_ts=m.device_ts,
-                )
+                    status_since=sa.case((d.online.is_(True), bp("b_now")), else_=d.status_since),
+                    status_ts=bp("b_ts"),
+                ),
+                [{"b_device": k, "b_ts": m.device_ts, "b_now": now} for k, m in gone],
             )
-        elif m.kind == "verdicts":
-            conn.execute(sa.update(devices).where(mine).values(decisions=d.decisions + 1))
+        for field, ts_col, seq_col in (
+            ("last_decision", d.last_decision_ts, d.last_decision_seq),
+            ("last_alert", d.last_alert_ts, d.last_alert_seq),
+        ):
+            rows = [(k, getattr(per[k], field)) for k in order if getattr(per[k], field) is not None]
+            if not rows:
+                continue
             conn.execute(
                 sa.update(devices)
-                .where(mine, _newer(d.last_decision_ts, d.last_decision_seq, m.device_ts, m.seq))
-                .values(last_decision=_dumps(data), last_decision_ts=m.device_ts, last_decision_seq=m.seq)
+                .where(mine, _newer(ts_col, seq_col, bp("b_ts"), bp("b_seq")))
+                .values({field: bp("b_doc"), ts_col.key: bp("b_ts"), seq_col.key: bp("b_seq")}),
+                [
+                    {"b_device": k, "b_doc": _dumps(m.data), "b_ts": m.device_ts, "b_seq": m.seq}
+                    for k, m in rows
+                ],
             )
-        elif m.kind == "alerts":
-            conn.execute(sa.update(devices).where(mine).values(alerts=d.alerts + 1))
+        drops = [(k, per[k].drops_total) for k in order if per[k].drops_total is not None]
+        if drops:
             conn.execute(
                 sa.update(devices)
-                .where(mine, _newer(d.last_alert_ts, d.last_alert_seq, m.device_ts, m.seq))
-                .values(last_alert=_dumps(data), last_alert_ts=m.device_ts, last_alert_seq=m.seq)
+                .where(mine, d.outbox_dropped < bp("b_total"))
+                .values(outbox_dropped=bp("b_total")),
+                [{"b_device": k, "b_total": t} for k, t in drops],
             )
-        elif m.kind == "policy":
-            self._acknowledge(conn, m, now)
-        elif m.kind == "drops":  # the outbox's own report: ``total`` counts every drop so far
-            total = _int(data.get("total"))
-            conn.execute(
-                sa.update(devices).where(mine, d.outbox_dropped < total).values(outbox_dropped=total)
-            )
+        for m in new:
+            if m.kind == "policy":
+                self._acknowledge(conn, m, now)
 
     def _acknowledge(self, conn: Connection, m: Stored, now: float) -> None:
         """A policy acknowledgement answers the device's row in every active rollout of that layer version."""

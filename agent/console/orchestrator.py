@@ -48,7 +48,8 @@ from agent.errors import ImageGuardError, InputError
 log = logging.getLogger(__name__)
 
 LEASE_SECONDS = 10.0
-TICK_SECONDS = 0.25
+#: between looks at the database when nothing wakes the loop (answers, births and changes do)
+TICK_SECONDS = 1.0
 
 
 class RolloutError(InputError):

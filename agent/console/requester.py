@@ -76,7 +76,7 @@ class Requester:
         timer.daemon = True
         fut.add_done_callback(lambda _f: timer.cancel())
         try:
-            self.client.publish(topic, self.codec.encode(message), qos=1, timeout=timeout)
+            self.client.publish_nowait(topic, self.codec.encode(message), qos=1)
         except BrokerError as exc:
             self._settle(request_id, exc)
             return fut

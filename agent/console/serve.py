@@ -127,10 +127,13 @@ class FleetService:
     def _publish_layer(self, group: str, document: Mapping[str, Any]) -> None:
         self._console.publish_layer(group, document)
 
+    def _alerts_arrived(self) -> None:
+        with self.ctx.alerts_changed:
+            self.ctx.alerts_changed.notify_all()
+
     def _stored(self, batch: list[Stored]) -> None:
         if any(m.kind == "alerts" for m in batch):
-            with self.ctx.alerts_changed:
-                self.ctx.alerts_changed.notify_all()
+            self._alerts_arrived()
         if any(m.kind in ("policy", "BIRTH", "DC", "LWT") for m in batch):
             self.orchestrator.wake()
 
@@ -158,6 +161,13 @@ class FleetService:
         self.requester.start()
         self.ingest.start()
         self.orchestrator.start()
+        if self.store.dialect == "postgresql":  # alerts stored by the other replicas wake our long polls too
+            threading.Thread(
+                target=self.store.listen_alerts,
+                args=(self._alerts_arrived, self._stopped),
+                name="console-alert-listener",
+                daemon=True,
+            ).start()
         log.info("console serving http://%s:%d/ (replica %s)", self.listen.host, self.port, self.replica)
 
     @property

@@ -142,6 +142,7 @@ def create_app(ctx: WebContext) -> Flask:
 
     @app.before_request
     def authenticate() -> Any:
+        g.started = time.perf_counter()
         g.user = None
         g.by_token = False
         if request.endpoint in ("static", "healthz", "login"):
@@ -174,6 +175,8 @@ def create_app(ctx: WebContext) -> Flask:
         resp.headers["X-Content-Type-Options"] = "nosniff"
         resp.headers["Referrer-Policy"] = "no-referrer"
         resp.headers.setdefault("Cache-Control", "no-store")
+        if "started" in g:  # what the page cost the server (bench/fleet.py reads it)
+            resp.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - g.started) * 1000:.1f}"
         return resp
 
     @app.errorhandler(CSRFError)
@@ -497,8 +500,8 @@ def create_app(ctx: WebContext) -> Flask:
             left = deadline - time.monotonic()
             if items or left <= 0 or after is None:
                 break
-            with ctx.alerts_changed:  # woken by this replica's ingest; another replica's: by the timeout
-                ctx.alerts_changed.wait(min(left, 0.5))
+            with ctx.alerts_changed:  # woken by this replica's ingest; another replica's: by the recheck
+                ctx.alerts_changed.wait(min(left, 0.1))
         cursor = max((i["received_at"] for i in items), default=after if after is not None else time.time())
         return jsonify({"alerts": items, "cursor": cursor})
 

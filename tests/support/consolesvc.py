@@ -37,6 +37,7 @@ def console_toml(
     database: str | None = None,
     extra: str = "",
     users: bool = True,
+    account: str = ACCOUNT,
 ) -> Path:
     db = f'database = "{database}"\n' if database else ""
     user_block = f'[[console.users]]\nname = "{USER}"\npassword_hash = "{_HASH}"\n' if users else ""
@@ -47,7 +48,7 @@ id = "console-1"
 dir = "{state}"
 [mqtt]
 url = "{broker.url}"
-account = "{ACCOUNT}"
+account = "{account}"
 [console]
 listen = "127.0.0.1:{port}"
 replica = "{replica}"
