@@ -161,6 +161,17 @@ class FleetDbError(ImageGuardError):
 
 
 @dataclass(frozen=True)
+class Answer:
+    """A device's reply to a rollout's delivery."""
+
+    rollout_id: str
+    device: str
+    state: str
+    reason: str
+    at: float
+
+
+@dataclass(frozen=True)
 class Stored:
     """One decoded message, ready to store."""
 
@@ -688,6 +699,33 @@ class FleetStore:
             q = q.where(rd.state.in_(tuple(only)))
         with self._tx() as conn:
             return int(conn.execute(q.values(**values)).rowcount)
+
+    def answer_devices(self, answers: Sequence[Answer]) -> None:
+        """Store replies in one statement; a row that is already answered (its acknowledgement came
+        first) keeps that answer."""
+        rd, bp = rollout_devices.c, sa.bindparam
+        q = (
+            sa.update(rollout_devices)
+            .where(
+                rd.rollout_id == bp("b_rollout"), rd.device == bp("b_device"), rd.state.in_((SENT, OFFLINE))
+            )
+            .values(state=bp("b_state"), reason=bp("b_reason"), answered_at=bp("b_at"))
+        )
+        ordered = sorted(answers, key=lambda a: (a.rollout_id, a.device))  # one lock order for every writer
+        with self._tx() as conn:
+            conn.execute(
+                q,
+                [
+                    {
+                        "b_rollout": a.rollout_id,
+                        "b_device": a.device,
+                        "b_state": a.state,
+                        "b_reason": a.reason,
+                        "b_at": a.at,
+                    }
+                    for a in ordered
+                ],
+            )
 
     def alerts_after_apply(self, rollout_id: str) -> int:
         """Alerts from this rollout's devices that arrived after the device took the layer."""

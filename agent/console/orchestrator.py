@@ -35,6 +35,7 @@ from agent.console.fleetdb import (
     RUNNING,
     SENT,
     STOPPED,
+    Answer,
     FleetDbError,
     FleetStore,
 )
@@ -97,6 +98,8 @@ class Orchestrator:
         self.default_wave_timeout = default_wave_timeout
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self._answers: list[Answer] = []
+        self._answers_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="console-rollouts", daemon=True)
 
     def start(self) -> None:
@@ -294,6 +297,7 @@ class Orchestrator:
             self._wake.clear()
 
     def tick(self, now: float | None = None) -> None:
+        self._store_answers()
         for r in self.store.rollouts(states=(RUNNING,), limit=1000):
             now_ = time.time() if now is None else now
             if not self.store.lease(r["id"], self.owner, LEASE_SECONDS, now_):
@@ -361,7 +365,8 @@ class Orchestrator:
             fut.add_done_callback(lambda f, device=device: self._answered(rid, device, f))  # type: ignore[misc]
 
     def _answered(self, rollout_id: str, device: str, fut: Future[Reply]) -> None:
-        """A device's reply to its delivery (paho's or a timer's thread)."""
+        """A device's reply to its delivery (paho's or a timer's thread): kept for the orchestrator's thread,
+        which stores every answer that came in since its last look in one statement."""
         try:
             reply = fut.result(timeout=0)
         except Exception:
@@ -371,23 +376,21 @@ class Orchestrator:
             state, reason = str(doc["status"]), ""
         else:
             state, reason = REJECTED, reply.message or f"the device answered {reply.code}"
-        try:
-            self.store.set_devices(
-                rollout_id,
-                [device],
-                only=(SENT, OFFLINE),
-                state=state,
-                reason=reason[:2000],
-                answered_at=time.time(),
-            )
-        except FleetDbError as exc:
-            log.error(
-                "rollout %s: %s's answer not stored (its acknowledgement will be): %s",
-                rollout_id,
-                device,
-                exc,
-            )
+        with self._answers_lock:
+            self._answers.append(Answer(rollout_id, device, state, reason[:2000], time.time()))
         self.wake()
+
+    def _store_answers(self) -> None:
+        with self._answers_lock:
+            answers, self._answers = self._answers, []
+        if not answers:
+            return
+        try:
+            self.store.answer_devices(answers)
+        except FleetDbError as exc:
+            with self._answers_lock:  # kept for the next tick; the devices' acknowledgements may come first
+                self._answers[:0] = answers
+            log.error("rollouts: %d answers not stored yet: %s", len(answers), exc)
 
 
 def _json(doc: Any) -> str:

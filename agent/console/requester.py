@@ -37,18 +37,24 @@ class Requester:
         self.codec = PayloadCodec.from_config(mqtt)
         self.account, self.prefix = mqtt.account, mqtt.control_prefix
         self._own = Topics(self.account, requester_id, control_prefix=self.prefix)
-        self._pending: dict[str, Future[Reply]] = {}
+        #: request id -> (future, deadline on the monotonic clock, what to say when it passes)
+        self._pending: dict[str, tuple[Future[Reply], float, str]] = {}
         self._lock = threading.Lock()
+        self._stop = threading.Event()
+        # one thread expires every overdue request (a timer per request would be a thread per device)
+        self._reaper = threading.Thread(target=self._expire_loop, name="console-requests", daemon=True)
         self.client = ConsoleClient(mqtt, requester_id, on_message=self._on_message)
 
     def start(self) -> None:
         self.client.connect()
         self.client.subscribe(self._own.reply_filter(self.requester_id), qos=1)
+        self._reaper.start()
 
     def stop(self) -> None:
+        self._stop.set()
         with self._lock:
             pending, self._pending = self._pending, {}
-        for fut in pending.values():
+        for fut, _, _ in pending.values():
             fut.cancel()
         self.client.close()
 
@@ -64,23 +70,19 @@ class Requester:
             raise InputError(str(exc)) from None
         request_id = uuid.uuid4().hex
         fut: Future[Reply] = Future()
+        label = f"no reply from {device} to {method.upper()} {resource} within {timeout:g}s"
         with self._lock:
-            self._pending[request_id] = fut
+            self._pending[request_id] = (fut, time.monotonic() + timeout, label)
         body = None if doc is None else json.dumps(doc, separators=(",", ":")).encode()
         metrics = {
             REQUEST_ID: MetricValue.string(request_id),
             REQUESTER: MetricValue.string(self.requester_id),
         }
         message = KuraMessage(timestamp_ms=int(time.time() * 1000), metrics=metrics, body=body)
-        timer = threading.Timer(timeout, self._expire, (request_id, device, method, resource, timeout))
-        timer.daemon = True
-        fut.add_done_callback(lambda _f: timer.cancel())
         try:
             self.client.publish_nowait(topic, self.codec.encode(message), qos=1)
         except BrokerError as exc:
             self._settle(request_id, exc)
-            return fut
-        timer.start()
         return fut
 
     def ask(
@@ -89,16 +91,22 @@ class Requester:
         """One request, waited for (raises TimeoutError or BrokerError)."""
         return self.request(device, method, resource, doc, timeout=timeout).result(timeout + 1)
 
-    def _expire(self, request_id: str, device: str, method: str, resource: str, timeout: float) -> None:
-        self._settle(
-            request_id, TimeoutError(f"no reply from {device} to {method} {resource} within {timeout:g}s")
-        )
+    def _expire_loop(self) -> None:
+        while not self._stop.wait(0.1):
+            now = time.monotonic()
+            with self._lock:
+                overdue = [
+                    (rid, label) for rid, (_, deadline, label) in self._pending.items() if deadline <= now
+                ]
+            for rid, label in overdue:
+                self._settle(rid, TimeoutError(label))
 
     def _settle(self, request_id: str, outcome: Reply | BaseException) -> None:
         with self._lock:
-            fut = self._pending.pop(request_id, None)
-        if fut is None or fut.done():
+            entry = self._pending.pop(request_id, None)
+        if entry is None or entry[0].done():
             return
+        fut = entry[0]
         if isinstance(outcome, BaseException):
             fut.set_exception(outcome)
         else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.resources
 import json
 import re
+import threading
 from collections.abc import Iterable, Iterator
 from functools import cache
 from typing import Any
@@ -30,8 +31,18 @@ def load_schema(name: str) -> dict[str, Any]:
     return schema
 
 
-@cache
+_BUILD_LOCK = threading.Lock()
+
+
 def _validator(name: str, entry: str | None = None) -> Any:
+    # one build per schema even when many threads ask at once: checking a schema against its metaschema
+    # is costly, and a cold cache hit by every thread together (a burst of requests) would do it each time
+    with _BUILD_LOCK:
+        return _build_validator(name, entry)
+
+
+@cache
+def _build_validator(name: str, entry: str | None = None) -> Any:
     schema = load_schema(name)
     cls = validator_for(schema)
     cls.check_schema(schema)

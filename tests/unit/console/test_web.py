@@ -7,17 +7,31 @@ from __future__ import annotations
 import hashlib
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from flask.testing import FlaskClient
 
-from agent.config import ConsoleServiceConfig, ConsoleToken, MqttConfig
+from agent.config import ConsoleServiceConfig, ConsoleToken
 from agent.console.fleetdb import FleetStore, Stored
 from agent.console.orchestrator import Orchestrator
 from agent.console.requester import Requester
 from agent.console.web import WebContext, create_app
+from agent.errors import BrokerError
 
 TOKEN = "igc_unit"
+
+
+class Unreachable:
+    """No broker in a unit test: asking a device fails as it does when the broker is away."""
+
+    def request(self, *_a: Any, **_k: Any) -> Any:
+        raise BrokerError("no broker in this test")
+
+    def ask(self, *_a: Any, **_k: Any) -> Any:
+        raise BrokerError("no broker in this test")
+
+
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
@@ -57,7 +71,7 @@ def client(tmp_path: Path) -> FlaskClient:
         "r1",
         now=now,
     )
-    requester = Requester(MqttConfig(url="mqtt://127.0.0.1:1", account="acme"), "console-unit")
+    requester = cast(Requester, Unreachable())
     orch = Orchestrator(store, requester, owner="r1", publish_layer=lambda g, d: None)
     r = orch.create(group="plant", document={"version": 3}, user="alice", waves="1,100%", start=False)
     store.set_devices(r["id"], ["gw-1"], state="applied", answered_at=now)
@@ -112,3 +126,6 @@ def test_api_documents(client: FlaskClient) -> None:
     bad = client.post("/api/rollouts", headers=AUTH, data="nonsense", content_type="application/json")
     assert bad.status_code == 400
     assert client.post("/api/rollouts/nope/pause", headers=AUTH).status_code == 404
+    # a device the broker cannot reach: a clear 502, not a traceback
+    live = client.get("/api/devices/gw-1/live/status", headers=AUTH)
+    assert live.status_code == 502 and "no broker" in live.json["error"]  # type: ignore[index]
