@@ -482,6 +482,8 @@ class Agent:
         if new.versions != old.versions:
             log.info("policy reloaded: versions %s", dict(new.versions))
             self.statewatch.want_backup()
+            if self.cloud is not None:  # the birth names the policy versions: a console sees the change
+                self.cloud.connection.publish_birth()
         if (reason := rescan_reason(old, new)) is not None and self.scanner is not None:
             self.scanner.request(reason)
         if self.instances is not None:

@@ -92,6 +92,7 @@ rollouts = sa.Table(
     sa.Column("max_rejections", sa.Integer),
     sa.Column("max_alerts", sa.Integer),
     sa.Column("wave_timeout", sa.Float, nullable=False),
+    sa.Column("soak_seconds", sa.Float, nullable=False, server_default="0"),
     sa.Column("state", sa.String(16), nullable=False),
     sa.Column("wave", sa.Integer, nullable=False, default=-1),
     sa.Column("wave_started_at", sa.Float),
@@ -295,8 +296,8 @@ class FleetStore:
 
     # --- schema ----------------------------------------------------------------------------------
 
-    def migrate(self) -> str:
-        """Bring the schema to the newest revision (Alembic); returns that revision."""
+    def migrate(self, target: str = "head") -> str:
+        """Bring the schema to the newest revision (Alembic), or to ``target``; returns the revision."""
         from alembic import command
         from alembic.config import Config as AlembicConfig
         from alembic.runtime.migration import MigrationContext
@@ -306,7 +307,7 @@ class FleetStore:
         try:
             with self.engine.begin() as conn:
                 cfg.attributes["connection"] = conn
-                command.upgrade(cfg, "head")
+                command.upgrade(cfg, target)
             with self.engine.connect() as conn:
                 rev = MigrationContext.configure(conn).get_current_revision()
         except sa.exc.SQLAlchemyError as exc:
@@ -503,6 +504,26 @@ class FleetStore:
         for m in new:
             if m.kind == "policy":
                 self._acknowledge(conn, m, now)
+                self._holds(conn, m)
+
+    def _holds(self, conn: Connection, m: Stored) -> None:
+        """An applied or unchanged acknowledgement says which version of a layer the device holds now (its
+        birth said so only at its last connect)."""
+        layer, version, status = m.data.get("layer"), m.data.get("version"), m.data.get("status")
+        if status not in HOLDS or not isinstance(layer, str) or not isinstance(version, int):
+            return
+        d = devices.c
+        row = conn.execute(sa.select(d.policy_layers).where(d.device == m.device)).first()
+        if row is None:
+            return
+        held = dict(p.split("=", 1) for p in str(row[0]).split(",") if "=" in p)
+        if _int(held.get(layer)) >= version and layer in held:
+            return
+        held[layer] = str(version)
+        values: dict[str, Any] = {"policy_layers": ",".join(f"{k}={v}" for k, v in sorted(held.items()))}
+        if isinstance(m.data.get("policy_version"), int):
+            values["policy_version"] = str(m.data["policy_version"])
+        conn.execute(sa.update(devices).where(d.device == m.device).values(**values))
 
     def _acknowledge(self, conn: Connection, m: Stored, now: float) -> None:
         """A policy acknowledgement answers the device's row in every active rollout of that layer version."""

@@ -127,6 +127,7 @@ class Orchestrator:
         max_rejections: int | None = 0,
         max_alerts: int | None = 0,
         wave_timeout: float | None = None,
+        soak_seconds: float = 0.0,
         rollback_of: str | None = None,
         start: bool = True,
     ) -> dict[str, Any]:
@@ -156,6 +157,9 @@ class Orchestrator:
         timeout = float(wave_timeout if wave_timeout is not None else self.default_wave_timeout)
         if not 1 <= timeout <= 86400:
             raise RolloutError("wave_timeout must be between 1 and 86400 seconds")
+        soak = float(soak_seconds or 0)
+        if not 0 <= soak <= 86400:
+            raise RolloutError("soak_seconds must be between 0 and 86400 seconds")
         now = time.time()
         rollout_id = uuid.uuid4().hex[:12]
         row = {
@@ -169,6 +173,7 @@ class Orchestrator:
             "max_rejections": max_rejections,
             "max_alerts": max_alerts,
             "wave_timeout": timeout,
+            "soak_seconds": soak,
             "state": RUNNING if start else PAUSED,
             "wave": -1,
             "reason": "",

@@ -5,7 +5,9 @@ waves. ``waves`` lists how far each wave reaches, cumulatively: ``["1", "10%", "
 device, then up to a tenth of the targets, then all. After each wave the rollout waits until every device
 of the wave answered (or ``wave_timeout`` passed: the silent ones count as offline), then checks its
 thresholds: more rejections than ``max_rejections``, or more alerts than ``max_alerts`` from devices after
-they took the layer, stop it. ``None`` means no limit.
+they took the layer, stop it. ``None`` means no limit. With ``soak_seconds`` the next wave waits that long
+after the last answer of this one, so that alerts caused by the new layer can arrive and stop the rollout
+before it reaches more devices.
 """
 
 from __future__ import annotations
@@ -101,6 +103,10 @@ def next_step(rollout: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], ale
             "expire", wave=wave, devices=waiting, reason=f"no answer within {rollout['wave_timeout']:g}s"
         )
     if wave + 1 < total:
+        soak = float(rollout.get("soak_seconds") or 0)
+        last = max((float(r.get("answered_at") or 0) for r in mine), default=0.0)
+        if soak and now - max(last, float(rollout.get("wave_started_at") or 0)) < soak:
+            return Step("wait", wave=wave, reason=f"watching wave {wave + 1} for {soak:g}s")
         return Step("start", wave=wave + 1)
     return Step("complete")
 

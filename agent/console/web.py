@@ -351,6 +351,8 @@ def create_app(ctx: WebContext) -> Flask:
             device=d,
             decisions=ctx.store.messages(kind="verdicts", device=device, limit=20),
             alerts=ctx.store.messages(kind="alerts", device=device, limit=20),
+            acks=ctx.store.messages(kind="policy", device=device, limit=20),
+            instance_events=ctx.store.messages(kind="instances", device=device, limit=20),
             resources=LIVE_RESOURCES,
         )
 
@@ -381,6 +383,7 @@ def create_app(ctx: WebContext) -> Flask:
                 max_rejections=_limit(form.get("max_rejections", "0")),
                 max_alerts=_limit(form.get("max_alerts", "0")),
                 wave_timeout=float(form.get("wave_timeout") or cfg.wave_timeout_seconds),
+                soak_seconds=float(form.get("soak_seconds") or 0),
                 start=form.get("start", "now") == "now",
             )
         except (ImageGuardError, ValueError) as exc:
@@ -529,6 +532,7 @@ def create_app(ctx: WebContext) -> Flask:
                 max_rejections=body.get("max_rejections", 0),
                 max_alerts=body.get("max_alerts", 0),
                 wave_timeout=body.get("wave_timeout"),
+                soak_seconds=float(body.get("soak_seconds") or 0),
                 start=bool(body.get("start", True)),
             )
         except (ImageGuardError, TypeError, ValueError) as exc:

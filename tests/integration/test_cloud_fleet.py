@@ -100,6 +100,8 @@ def test_retained_group_layer_and_every_outcome_acknowledged(
         assert birth["imageguard_outbox_dropped"] == "0" and "imageguard_policy_version" in birth
         applied = expect_ack(acks, 2, "applied")
         assert applied["source"] == "fleet:g1"
+        # the retained birth is published again with the new versions, so a console starting later sees them
+        assert "group:g1=2" in lifecycle.next().metrics["imageguard_policy_layers"]
         engine.docker("run", "-d", "--name", "fleet-allowed", OTHER)  # allowed by the group layer only
         agent.wait_log("allowed container fleet-allowed")
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,16 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def service(tmp_path: Path, mosquitto: MosquittoBroker) -> Iterator[ConsoleService]:
-    svc = ConsoleService(tmp_path, mosquitto)
+def service(
+    request: pytest.FixtureRequest, tmp_path: Path, mosquitto: MosquittoBroker
+) -> Iterator[ConsoleService]:
+    """SQLite, or with ``indirect`` parametrization "postgresql", a fresh database of the test cluster."""
+    database = (
+        request.getfixturevalue("postgres_url")
+        if getattr(request, "param", "sqlite") == "postgresql"
+        else None
+    )
+    svc = ConsoleService(tmp_path, mosquitto, database=database)
     try:
         yield svc
     finally:
@@ -79,6 +88,7 @@ def test_inventory_discovers_online_devices_and_follows_their_lifecycle(
     assert service.api("GET", "/api/devices/nobody/live/status").status_code == 404
 
 
+@pytest.mark.parametrize("service", ["sqlite", "postgresql"], indirect=True)
 def test_rollout_in_waves_converges_and_a_blocked_container_raises_an_alert(
     fleet: Fleet, service: ConsoleService, busybox_images: dict[str, str]
 ) -> None:
@@ -275,3 +285,50 @@ def test_an_offline_device_is_shown_offline_and_catches_up_from_the_retained_lay
     wait_for(caught_up, 30, 0.2, what="gw-off acknowledged the retained layer")
     assert _rollout(service, rid)["progress"]["converged"] == 100.0
     assert service.get("/api/devices/gw-off")["online"]
+
+
+def test_new_alerts_during_the_soak_stop_the_rollout_before_the_next_wave(
+    fleet: Fleet, service: ConsoleService, busybox_images: dict[str, str]
+) -> None:
+    fleet.start(("a-canary", ["alarm"], "enforce"), ("b-rest", ["alarm"], "enforce"))
+    service.start()
+    wait_for(lambda: len(service.get("/api/devices?online=true")["devices"]) == 2, 30, 0.2)
+    layer = {"version": 1, "allowlist": [{"digest": busybox_images[OTHER]}]}
+    body = {"group": "alarm", "document": layer, "waves": "1,100%", "soak_seconds": 60, "max_alerts": 0}
+    rid = service.api("POST", "/api/rollouts", body).json()["id"]
+
+    def canary_took_it() -> bool:
+        return {d["device"]: d["state"] for d in _rollout(service, rid)["devices"]}["a-canary"] == "applied"
+
+    wait_for(canary_took_it, 30, 0.2, what="the canary applied the layer")
+    assert _rollout(service, rid)["state"] == "running"  # watching the canary, not yet the next wave
+    # something the layer does not allow starts: the canary blocks it and says so
+    fleet.engine.docker("run", "-d", "--name", "after-the-canary", ALLOWED)
+    stopped = _wait_state(service, rid, "stopped", "completed")
+    assert stopped["state"] == "stopped" and "alert" in stopped["reason"], stopped
+    assert stopped["alerts_after_apply"] >= 1
+    rows = {d["device"]: d["state"] for d in stopped["devices"]}
+    assert rows == {"a-canary": "applied", "b-rest": "pending"}
+    assert fleet.request("b-rest", "GET", "policy", {"layer": "group:alarm"})[1]["version"] == 0
+    # the canary's inventory shows the version it took (its acknowledgement, and its birth published again)
+    wait_for(lambda: "group:alarm=1" in service.get("/api/devices/a-canary")["policy_layers"], 20, 0.2)
+
+
+def test_a_paused_rollout_starts_no_wave_until_resumed(fleet: Fleet, service: ConsoleService) -> None:
+    fleet.start(("p-1", ["hold"], "enforce"), ("p-2", ["hold"], "enforce"))
+    service.start()
+    wait_for(lambda: len(service.get("/api/devices?online=true")["devices"]) == 2, 30, 0.2)
+    body = {"group": "hold", "document": {"version": 2}, "waves": "1,100%", "soak_seconds": 2}
+    rid = service.api("POST", "/api/rollouts", body).json()["id"]
+    wait_for(lambda: _rollout(service, rid)["progress"]["holding"] == 1, 30, 0.2, what="the canary")
+    assert service.api("POST", f"/api/rollouts/{rid}/pause").status_code == 200
+    assert service.api("POST", f"/api/rollouts/{rid}/pause").status_code == 409  # already paused
+    time.sleep(4)  # longer than the soak: a running rollout would have started wave 2 by now
+    paused = _rollout(service, rid)
+    assert (
+        paused["state"] == "paused"
+        and {d["device"]: d["state"] for d in paused["devices"]}["p-2"] == "pending"
+    )
+    assert service.api("POST", f"/api/rollouts/{rid}/resume").status_code == 200
+    done = _wait_state(service, rid, "completed", "stopped")
+    assert done["state"] == "completed" and done["progress"]["holding"] == 2

@@ -355,6 +355,17 @@ class MqttConnection:
     def _encode(self, message: KuraMessage) -> bytes:
         return self.codec.encode(message)
 
+    def publish_birth(self) -> None:
+        """Publish the retained birth again because what it says changed (policy versions): the retained
+        births stay a true picture of the devices online, for a console that starts later. Kura sends
+        MQTT/APPS on such changes; this is the retained equivalent."""
+        if not self.is_connected:
+            return  # the next connect publishes it anyway
+        try:
+            self._publish(self.topics.lifecycle("BIRTH"), self._encode(self._birth()), 1, True, False)
+        except BrokerError as exc:
+            log.debug("mqtt: birth not republished: %s", exc)
+
     def _publish(self, topic: str, payload: bytes, qos: int, retain: bool, bounded: bool) -> PublishHandle:
         if qos not in (0, 1, 2):
             raise BrokerError(f"invalid QoS {qos}")

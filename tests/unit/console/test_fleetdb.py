@@ -106,6 +106,12 @@ def test_acknowledgements_answer_active_rollouts(store: FleetStore) -> None:
     assert store.progress(["r1"]) == {"r1": {"rejected": 1, "sent": 1}}
     assert store.lease("r1", "a", 10, now=100) and not store.lease("r1", "b", 10, now=105)
     assert store.lease("r1", "b", 10, now=111)
+    # what a device holds follows its applied acknowledgements, not only its last birth
+    took = {"layer": "group:g1", "version": 4, "status": "applied", "policy_version": 9}
+    store.store_messages([Stored("other:p2", "other", "policy", 6, 2, took)], "r1")
+    other = store.device("other")
+    assert other is not None and other["policy_layers"] == "group:g1=4" and other["policy_version"] == "9"
+    assert store.progress(["r1"]) == {"r1": {"rejected": 1, "applied": 1}}
 
 
 def test_decode_uses_the_message_id_and_sequence() -> None:
@@ -145,3 +151,23 @@ def test_decode_uses_the_message_id_and_sequence() -> None:
             codec=codec,
             received_ms=1,
         )
+
+
+def test_an_older_database_is_migrated_with_its_data(tmp_path: Path) -> None:
+    import sqlalchemy as sa
+
+    old = FleetStore(f"sqlite:///{tmp_path / 'old.db'}")
+    assert old.migrate("0001") == "0001"
+    with old.engine.begin() as conn:  # a rollout written by the first schema
+        conn.execute(
+            sa.text(
+                "insert into rollouts (id, name, group_name, version, document, waves, wave_timeout, state, wave,"
+                " reason, created_by, created_at, updated_at, lease_until)"
+                " values ('r1', 'n', 'g', 1, '{}', '[]', 30, 'completed', 0, '', 'alice', 1, 1, 0)"
+            )
+        )
+    old.close()
+    new = FleetStore(f"sqlite:///{tmp_path / 'old.db'}")
+    assert new.migrate() == new.revision() != "0001"
+    rollout = new.rollout("r1")
+    assert rollout is not None and rollout["soak_seconds"] == 0 and rollout["created_by"] == "alice"

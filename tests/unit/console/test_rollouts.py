@@ -115,3 +115,12 @@ def test_bump_version() -> None:
     assert bump_version({"version": 1, "allowlist": []}, 5) == {"version": 5, "allowlist": []}
     with pytest.raises(InputError, match="sign"):
         bump_version({"document": {"version": 1}, "signature": {}}, 5)
+
+
+def test_a_soak_holds_the_next_wave_back() -> None:
+    rows = [{"device": "a", "wave": 0, "state": "applied", "answered_at": 100.0}, _row("b", 1, "pending")]
+    r = _r(soak_seconds=10.0, wave_started_at=99.0)
+    step = next_step(r, rows, 0, 105.0)
+    assert step.action == "wait" and "10" in step.reason
+    assert next_step(r, rows, 0, 110.5).action == "start"
+    assert next_step(r, rows, 1, 105.0).action == "stop"  # an alert meanwhile stops it before wave 2
