@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
-import ipaddress
 import json
 import logging
 import os
@@ -25,7 +24,7 @@ from agent.adapters.engine import Engine
 from agent.adapters.store import Store
 from agent.adapters.systemd import Notifier, inherited_unix_socket
 from agent.adapters.wakeup import DatabaseWatch, Listener, notify_agent
-from agent.config import Config, MqttConfig
+from agent.config import Config, MqttConfig, is_loopback
 from agent.control.service import Service
 from agent.core.decision import VerificationOutcome, VerifyTarget, rescan_reason
 from agent.core.facts import ContainerEvent
@@ -607,12 +606,7 @@ def check_transport(mqtt: MqttConfig) -> None:
     parsed = urllib.parse.urlsplit(mqtt.url)
     if parsed.scheme != "mqtt" or mqtt.allow_plaintext:
         return
-    host = parsed.hostname or ""
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
+    if not is_loopback(parsed.hostname or ""):
         raise ConfigError(
             f"[mqtt] url {mqtt.url}: plaintext MQTT to a broker on another host would carry the credentials "
             "and every policy change readable and forgeable on the network; use mqtts://, or set "

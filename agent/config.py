@@ -5,6 +5,7 @@ Every field has a sane default, so the agent runs with no file at all (the embed
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import tomllib
@@ -196,6 +197,15 @@ class Config:
     def protected_paths(self) -> tuple[str, ...]:
         """Host paths no container may bind: the agent's state and the plugin socket's directory."""
         return (str(self.state_dir), str(self.preventive.socket.parent))
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a host name or address (IPv6 with or without brackets) is this host's loopback."""
+    host = host.strip("[]")
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _default_device_id() -> str:

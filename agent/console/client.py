@@ -33,7 +33,7 @@ from agent.adapters.mqtt.codec import PayloadCodec
 from agent.adapters.mqtt.connection import apply_credentials, broker_address
 from agent.adapters.mqtt.kurapayload import KuraMessage, MetricValue
 from agent.adapters.mqtt.requests import REQUEST_ID, REQUESTER, RESPONSE_CODE, RESPONSE_MESSAGE
-from agent.adapters.mqtt.topics import DATA_KINDS, LWT_PREFIX, Topics, valid_level
+from agent.adapters.mqtt.topics import DATA_KINDS, LWT_PREFIX, Topics, device_message, valid_level
 from agent.config import Config, MqttConfig
 from agent.core.envelope import claimed_version
 from agent.core.policy import group_layer
@@ -100,20 +100,10 @@ def parse_event(
     topic: str, payload: bytes, *, account: str, prefix: str, codec: PayloadCodec
 ) -> Event | None:
     """An :class:`Event` for a data or lifecycle topic of ``account``; None for anything else or garbage."""
-    parts = topic.split("/")
-    kind: str | None = None
-    if len(parts) == 4 and parts[0] == account and parts[2] == APP_ID and parts[3] in DATA_KINDS:
-        kind, device = parts[3], parts[1]
-    elif (
-        len(parts) == 5
-        and parts[0] in (prefix, LWT_PREFIX)
-        and parts[1] == account
-        and parts[3] == "MQTT"
-        and parts[4] in LIFECYCLE
-    ):
-        kind, device = parts[4], parts[2]
-    if kind is None:
+    found = device_message(topic, account=account, prefix=prefix)
+    if found is None:
         return None
+    kind, device = found
     if not payload:
         # an empty BIRTH is the device's retained birth being cleared: its will fired or it stopped
         return Event("LWT" if kind == "BIRTH" else kind, device, topic, {})

@@ -36,9 +36,9 @@ from paho.mqtt.properties import Properties
 from agent import APP_ID
 from agent.adapters.mqtt.codec import PayloadCodec
 from agent.adapters.mqtt.connection import apply_credentials, broker_address
-from agent.adapters.mqtt.topics import DATA_KINDS, LWT_PREFIX
+from agent.adapters.mqtt.topics import DATA_KINDS, LWT_PREFIX, device_message
 from agent.config import MqttConfig
-from agent.console.client import LIFECYCLE, message_data
+from agent.console.client import message_data
 from agent.console.fleetdb import FleetDbError, FleetStore, Stored
 from agent.errors import BrokerError, PayloadError
 
@@ -82,20 +82,10 @@ def decode(
     topic: str, payload: bytes, *, account: str, prefix: str, codec: PayloadCodec, received_ms: int
 ) -> Stored | None:
     """A message to store, or None when the topic is not one of a device's (pure)."""
-    parts = topic.split("/")
-    kind: str | None = None
-    if len(parts) == 4 and parts[0] == account and parts[2] == APP_ID and parts[3] in KINDS:
-        kind, device = parts[3], parts[1]
-    elif (
-        len(parts) == 5
-        and parts[0] in (prefix, LWT_PREFIX)
-        and parts[1] == account
-        and parts[3] == "MQTT"
-        and parts[4] in LIFECYCLE
-    ):
-        kind, device = parts[4], parts[2]
-    if kind is None:
+    found = device_message(topic, account=account, prefix=prefix, data_kinds=KINDS)
+    if found is None:
         return None
+    kind, device = found
     if not payload:
         # an empty BIRTH is the retained birth cleared by the device's will or its clean stop. Every one
         # is alike, so its id is its arrival: storing one twice only says "offline" twice.

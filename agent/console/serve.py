@@ -15,7 +15,6 @@ Several replicas may run against one PostgreSQL database and one broker: give ea
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import signal
@@ -26,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from agent.config import Config
+from agent.config import Config, is_loopback
 from agent.console.client import Console, ConsoleClient
 from agent.console.fleetdb import FleetStore, Stored, default_url
 from agent.console.ingest import Ingestor
@@ -54,16 +53,11 @@ def parse_listen(text: str, allow_remote: bool) -> Listen:
             raise ValueError
     except ValueError:
         raise ConfigError(f"console listen address {text!r}: expected host:port") from None
-    if not allow_remote:
-        try:
-            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            loopback = False
-        if not loopback:
-            raise ConfigError(
-                f"console listen address {text!r} is not loopback; set [console] allow_remote = true "
-                "(and put a TLS-terminating proxy in front, see the README) to serve beyond this host"
-            )
+    if not allow_remote and not is_loopback(host):
+        raise ConfigError(
+            f"console listen address {text!r} is not loopback; set [console] allow_remote = true "
+            "(and put a TLS-terminating proxy in front, see the README) to serve beyond this host"
+        )
     return Listen(host, port)
 
 

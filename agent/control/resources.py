@@ -32,6 +32,7 @@ from agent.core.anchors import TrustAnchor
 from agent.core.decision import Evidence, decide
 from agent.core.digest import Digest
 from agent.core.envelope import claimed_version
+from agent.core.facts import ContainerFacts
 from agent.core.imageref import ImageRef
 from agent.core.instances import InstanceSpec, remote_problem
 from agent.core.policy import DEVICE_LAYER, AllowlistEntry, PolicyLayer, group_layer
@@ -173,6 +174,21 @@ def put_policy(ctx: ControlContext, req: Request) -> Response:
     return _result(ctx.service.apply_layer(layer, source=source))  # rollback: RollbackError -> 400
 
 
+def _containers(ctx: ControlContext) -> list[ContainerFacts]:
+    """Every container the engine knows now, with its facts (those removed meanwhile left out)."""
+    try:
+        ids = ctx.engine.container_ids()
+    except EngineError as exc:
+        raise ControlError(500, f"the container engine cannot be reached: {exc.message}") from None
+    found = []
+    for cid in ids:
+        try:
+            found.append(ctx.engine.container_facts(cid))
+        except (Gone, EngineError):
+            continue  # removed meanwhile
+    return found
+
+
 def _held_group(ctx: ControlContext, group: str) -> str:
     if group not in ctx.config.device.groups:
         raise ControlError(
@@ -210,16 +226,8 @@ def exec_policy_dry_run(ctx: ControlContext, req: Request) -> Response:
     held = next((lyr.version for lyr in ctx.service.store.layers() if lyr.name == layer_name), 0)
     now_policy, then_policy = ctx.service.effective(), ctx.service.effective(replacing=layer)
     evidence = Evidence(ctx.service.store.verified(), {})
-    try:
-        ids = ctx.engine.container_ids()
-    except EngineError as exc:
-        raise ControlError(500, f"the container engine cannot be reached: {exc.message}") from None
     rows = []
-    for cid in ids:
-        try:
-            facts = ctx.engine.container_facts(cid)
-        except (Gone, EngineError):
-            continue
+    for facts in _containers(ctx):
         if facts.state != "running":
             continue
         now, then = decide(facts, now_policy, evidence), decide(facts, then_policy, evidence)
@@ -385,17 +393,9 @@ def get_decisions(ctx: ControlContext, req: Request) -> Response:
 
 def get_containers(ctx: ControlContext, req: Request) -> Response:
     no_body(req, "GET containers request")
-    try:
-        ids = ctx.engine.container_ids()
-    except EngineError as exc:
-        raise ControlError(500, f"the container engine cannot be reached: {exc.message}") from None
     out = []
-    for cid in ids:
-        try:
-            facts = ctx.engine.container_facts(cid)
-        except (Gone, EngineError):
-            continue  # removed meanwhile
-        last = ctx.service.store.last_decision_for(cid)
+    for facts in _containers(ctx):
+        last = ctx.service.store.last_decision_for(facts.id)
         out.append(
             {
                 "id": facts.id,

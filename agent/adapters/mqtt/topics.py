@@ -26,6 +26,27 @@ DataKind = Literal["verdicts", "alerts", "policy", "instances"]
 LifecycleKind = Literal["BIRTH", "DC", "APPS", "LWT"]
 
 
+def device_message(
+    topic: str, *, account: str, prefix: str, data_kinds: tuple[str, ...] = DATA_KINDS
+) -> tuple[str, str] | None:
+    """(kind, device) of a device's data topic (``{account}/{device}/{app}/{kind}``) or lifecycle topic
+    (``{prefix}/{account}/{device}/MQTT/{kind}``, LWT also under $EDC); None for any other topic. What a
+    console reads: devices' telemetry and certificates."""
+    parts = topic.split("/")
+    if len(parts) == 4 and parts[0] == account and parts[2] == APP_ID and parts[3] in data_kinds and parts[1]:
+        return parts[3], parts[1]
+    if (
+        len(parts) == 5
+        and parts[0] in (prefix, LWT_PREFIX)
+        and parts[1] == account
+        and parts[3] == "MQTT"
+        and parts[4] in LIFECYCLE_KINDS
+        and parts[2]
+    ):
+        return parts[4], parts[2]
+    return None
+
+
 def valid_level(level: str) -> bool:
     """A single topic level we may publish to: non-empty, no separator, no wildcard, no NUL."""
     return (
