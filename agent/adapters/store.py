@@ -332,13 +332,7 @@ class Store:
         A file that took its place is kept beside it for inspection, never deleted.
         """
         with self._lock:  # no write may land in the old file between the copy and the switch
-            if self.path.exists():
-                aside = self.path.with_name(f"{DB_NAME}.replaced-{time.strftime('%Y%m%dT%H%M%S')}")
-                os.replace(self.path, aside)
-                for suffix in ("-wal", "-shm"):
-                    side = Path(str(self.path) + suffix)
-                    if side.exists():
-                        os.replace(side, Path(str(aside) + suffix))
+            move_aside(self.path)
             self.save_to(self.path)
             with self._rlock:
                 db = self._open_writable() if self._db is not None else None
@@ -760,13 +754,20 @@ def restore_backup(state_dir: Path, source: Path) -> Path | None:
         raise
     finally:
         os.umask(old_umask)
-    aside = None
-    if path.exists():
-        aside = state_dir / f"{DB_NAME}.replaced-{time.strftime('%Y%m%dT%H%M%S')}"
-        os.replace(path, aside)
-        for suffix in ("-wal", "-shm"):
-            side = Path(str(path) + suffix)
-            if side.exists():
-                os.replace(side, Path(str(aside) + suffix))
+    aside = move_aside(path)
     os.replace(tmp, path)
+    return aside
+
+
+def move_aside(path: Path) -> Path | None:
+    """Rename a database (and its -wal and -shm files) to ``<name>.replaced-<time>``, kept for inspection,
+    never deleted; returns the new name (None: there was no file)."""
+    if not path.exists():
+        return None
+    aside = path.with_name(f"{path.name}.replaced-{time.strftime('%Y%m%dT%H%M%S')}")
+    os.replace(path, aside)
+    for suffix in ("-wal", "-shm"):
+        side = Path(str(path) + suffix)
+        if side.exists():
+            os.replace(side, Path(str(aside) + suffix))
     return aside

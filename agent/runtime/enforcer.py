@@ -8,6 +8,7 @@ a slow registry never delays the containers that share the lane.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -85,6 +86,22 @@ class Handled:
     record: DecisionRecord
     decision: Decision
     facts: ContainerFacts
+
+
+@dataclass(frozen=True, slots=True)
+class InFlight:
+    """A decision under way: what it is made on, and how the container is held while it waits (frozen
+    through its cgroup, or paused by the engine when the cgroup cannot be reached)."""
+
+    facts: ContainerFacts
+    decision: Decision
+    policy: EffectivePolicy
+    trigger: str
+    frozen: ContainerCgroup | None
+    paused: bool
+
+    def concluded(self, decision: Decision) -> InFlight:
+        return dataclasses.replace(self, decision=decision)
 
 
 class Lanes:
@@ -237,9 +254,7 @@ class Enforcer:
             self._engine_failed(container_id, trigger, exc)
             return None
         except Exception:
-            self._count("enforcement_errors")
-            log.exception("deciding on container %s failed", container_id[:12])
-            self._retry_later(container_id, "internal error")
+            self._internal_error(container_id, "deciding on")
             return None
         with self._lock:
             self._attempts.pop(container_id, None)
@@ -406,46 +421,28 @@ class Enforcer:
                 frozen = self._freeze_now(facts.id)
                 paused = frozen is None and self._pause(facts)  # no cgroup access: the engine's pause
             if trigger in _OFF_LANE:
-                self._verify_off_lane(facts, decision, policy, trigger, frozen, paused)
+                self._verify_off_lane(InFlight(facts, decision, policy, trigger, frozen, paused))
                 return None
             decision = conclude(decision, self._verify(decision.verify), policy)
-        return self._finish(facts, decision, policy, trigger, frozen, paused, dry_run=dry_run)
+        return self._finish(InFlight(facts, decision, policy, trigger, frozen, paused), dry_run=dry_run)
 
-    def _verify_off_lane(
-        self,
-        facts: ContainerFacts,
-        decision: Decision,
-        policy: EffectivePolicy,
-        trigger: str,
-        frozen: ContainerCgroup | None,
-        paused: bool,
-    ) -> None:
+    def _verify_off_lane(self, job: InFlight) -> None:
         """Verify on another thread, then conclude on the container's lane again."""
-        cid = facts.id
+        cid = job.facts.id
         with self._lock:
             self._verifying.add(cid)
 
         def verified(fut: Future[VerificationOutcome]) -> None:
-            self._lanes.submit(
-                cid, lambda: self._conclude_safely(fut, facts, decision, policy, trigger, frozen, paused)
-            )
+            self._lanes.submit(cid, lambda: self._conclude_safely(fut, job))
 
         try:
-            self._verifications.submit(self._verify, decision.verify).add_done_callback(verified)
+            self._verifications.submit(self._verify, job.decision.verify).add_done_callback(verified)
         except RuntimeError:  # shutting down: the container stays frozen, the next start decides it
             with self._lock:
                 self._verifying.discard(cid)
 
-    def _conclude_safely(
-        self,
-        fut: Future[VerificationOutcome],
-        facts: ContainerFacts,
-        decision: Decision,
-        policy: EffectivePolicy,
-        trigger: str,
-        frozen: ContainerCgroup | None,
-        paused: bool,
-    ) -> Handled | None:
+    def _conclude_safely(self, fut: Future[VerificationOutcome], job: InFlight) -> Handled | None:
+        facts = job.facts
         with self._lock:
             self._verifying.discard(facts.id)
         try:
@@ -454,34 +451,36 @@ class Enforcer:
             log.exception("verification of %s failed", facts.image)
             outcome = VerificationOutcome(None, Code.VERIFICATION_ERROR, f"verification failed: {exc}")
         try:
-            if policy is not self._policy:
+            if job.policy is not self._policy:
                 # the policy changed while the registry answered: decide again under the new one
-                if frozen is not None:
+                if job.frozen is not None:
                     with self._lock:
-                        self._frozen[facts.id] = frozen
+                        self._frozen[facts.id] = job.frozen
                 return self._handle_safely(facts.id, "retry", None)
-            return self._finish(facts, conclude(decision, outcome, policy), policy, trigger, frozen, paused)
+            return self._finish(job.concluded(conclude(job.decision, outcome, job.policy)))
         except EngineError as exc:
             self._count("engine_errors")
             self._retry_later(facts.id, f"could not act on container {facts.short_id}: {exc}")
         except Exception:
-            self._count("enforcement_errors")
-            log.exception("acting on container %s failed", facts.short_id)
-            self._retry_later(facts.id, "internal error")
+            self._internal_error(facts.id, "acting on")
         return None
 
-    def _finish(
-        self,
-        facts: ContainerFacts,
-        decision: Decision,
-        policy: EffectivePolicy,
-        trigger: str,
-        frozen: ContainerCgroup | None,
-        paused: bool,
-        *,
-        dry_run: bool = False,
-    ) -> Handled:
+    def _internal_error(self, container_id: str, doing: str) -> None:
+        """A bug fails closed: logged with its traceback, counted, and the container decided again later."""
+        self._count("enforcement_errors")
+        log.exception("%s container %s failed", doing, container_id[:12])
+        self._retry_later(container_id, "internal error")
+
+    def _finish(self, job: InFlight, *, dry_run: bool = False) -> Handled:
         """Record and act on a concluded decision."""
+        facts, decision, policy, trigger, frozen, paused = (
+            job.facts,
+            job.decision,
+            job.policy,
+            job.trigger,
+            job.frozen,
+            job.paused,
+        )
         action = "none"
         if decision.verdict == "blocked":
             action = "remove"
