@@ -70,7 +70,7 @@ def setup(level: str = "info", fmt: str = "text", *, journal: bool | None = None
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # third-party chatter stays out of the agent's log unless debugging
-    for noisy in ("urllib3", "docker"):
+    for noisy in ("urllib3", "docker", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING if level != "debug" else logging.DEBUG)
 
 

@@ -127,6 +127,8 @@ def register(sub: Any) -> None:
         help="override [console] database: sqlite:///path or postgresql+psycopg://user@host/db "
         "(also IMAGEGUARD_CONSOLE_DATABASE)",
     )
+    q.add_argument("--log-format", choices=["text", "json"], help="log format (default: from config, text)")
+    q.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="log level")
     q.set_defaults(handler=cmd_serve)
 
     q = csub.add_parser("hash-password", help="print a password hash for a [[console.users]] entry")
@@ -484,9 +486,12 @@ def _console_extra() -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     _console_extra()
+    from agent import logs
     from agent.console.serve import FleetService
 
-    service = FleetService(load_config(args), database=args.database, listen=args.listen)
+    cfg = load_config(args)
+    logs.setup(args.log_level or cfg.logging.level, args.log_format or cfg.logging.format)
+    service = FleetService(cfg, database=args.database, listen=args.listen)
     service.start()
     print(f"imageguard console: serving http://{service.listen.host}:{service.port}/", flush=True)
     service.serve_forever()

@@ -305,6 +305,7 @@ class FleetStore:
         cfg = AlembicConfig()
         cfg.set_main_option("script_location", str(resources.files("agent.console") / "migrations"))
         try:
+            before = self.revision()
             with self.engine.begin() as conn:
                 cfg.attributes["connection"] = conn
                 command.upgrade(cfg, target)
@@ -312,6 +313,8 @@ class FleetStore:
                 rev = MigrationContext.configure(conn).get_current_revision()
         except sa.exc.SQLAlchemyError as exc:
             raise FleetDbError(f"console database {self._where()}: cannot migrate: {_short(exc)}") from None
+        if rev != before:
+            log.info("console database %s migrated from %s to %s", self._where(), before or "empty", rev)
         return rev or ""
 
     def revision(self) -> str | None:

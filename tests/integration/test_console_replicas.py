@@ -17,6 +17,7 @@ from tests.support.agentproc import wait_for
 from tests.support.cloud import ACCOUNT
 from tests.support.consolesvc import ConsoleService
 from tests.support.fixtures.mosquitto import MosquittoBroker
+from tests.support.fixtures.postgres import PostgresCluster
 from tests.support.simfleet import SimDevice, start_fleet
 
 pytestmark = pytest.mark.integration
@@ -121,3 +122,35 @@ def test_redelivered_messages_are_stored_once(
     assert [a["data"]["id"] for a in r1.get("/api/alerts?after=0&limit=500")["alerts"]].count(alert_id) == 1
     assert r1.get(f"/api/devices/{d.device}")["alerts"] == 1
     assert r1.get("/healthz")["ingest"]["duplicates"] >= 5
+
+
+def test_a_database_outage_loses_nothing(
+    replicas: list[ConsoleService], devices: list[SimDevice], postgres_cluster: PostgresCluster
+) -> None:
+    r1, _ = replicas
+    r1.start()
+    d = devices[0]
+
+    def online() -> bool:
+        r = r1.api("GET", f"/api/devices/{d.device}")
+        return r.status_code == 200 and bool(r.json()["online"])
+
+    wait_for(online, 20, 0.2, what="the device discovered")
+    postgres_cluster.stop()
+    try:
+        sent = {d.blocked(name=f"during-outage-{i}") for i in range(50)}
+        # the service says what is wrong and keeps answering; nothing is acknowledged to the broker
+        wait_for(lambda: r1.api("GET", "/healthz").json()["ingest"]["db_errors"] > 0, 30, 0.2)
+        r = r1.api("GET", "/api/fleet")
+        assert r.status_code == 503 and "database" in r.json()["error"]
+    finally:
+        postgres_cluster.start()
+    wait_for(
+        lambda: sent <= {a["data"]["id"] for a in r1.get("/api/alerts?after=0&limit=500")["alerts"]},
+        60,
+        0.5,
+        what="every alert sent during the outage stored",
+    )
+    assert r1.get(f"/api/devices/{d.device}")["alerts"] == 50
+    assert "retrying (nothing is acknowledged meanwhile)" in r1.log()
+    assert "the database answers again" in r1.log()

@@ -70,8 +70,12 @@ class Dockerd:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"dockerd exited early; see {self.root / 'dockerd.log'}")
-            if self.socket.exists() and self.docker("version", check=False, timeout=5).returncode == 0:
-                return
+            if self.socket.exists():
+                try:
+                    if self.docker("version", check=False, timeout=5).returncode == 0:
+                        return
+                except subprocess.TimeoutExpired:
+                    pass  # a busy host: dockerd is up but slow to answer its first request; ask again
             time.sleep(0.1)
         raise RuntimeError(f"dockerd did not answer within {timeout}s; see {self.root / 'dockerd.log'}")
 
