@@ -490,8 +490,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from agent.console.serve import FleetService
 
     cfg = load_config(args)
+    service = FleetService(cfg, database=args.database, listen=args.listen)  # refuses before it logs
     logs.setup(args.log_level or cfg.logging.level, args.log_format or cfg.logging.format)
-    service = FleetService(cfg, database=args.database, listen=args.listen)
     service.start()
     print(f"imageguard console: serving http://{service.listen.host}:{service.port}/", flush=True)
     service.serve_forever()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,11 +17,16 @@ from tests.unit.cli.test_errors import Cli
 
 
 @pytest.fixture
-def cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Cli:
+def cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Iterator[Cli]:
     monkeypatch.delenv("IMAGEGUARD_CONSOLE_PASSWORD", raising=False)
     monkeypatch.delenv("IMAGEGUARD_CONSOLE_DATABASE", raising=False)
     monkeypatch.chdir(tmp_path)
-    return Cli(tmp_path, capsys)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield Cli(tmp_path, capsys)
+    # a command that set up logging must not leave a handler on this test's captured stderr behind
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def test_hash_password(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
