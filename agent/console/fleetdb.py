@@ -393,11 +393,12 @@ class FleetStore:
                         "kind": m.kind,
                         "device_ts": m.device_ts,
                         "seq": m.seq,
-                        "received_at": now,
+                        # a microsecond apart: a live feed's cursor never falls between two of one batch
+                        "received_at": now + i * 1e-6,
                         "replica": replica,
                         "data": _dumps(m.data),
                     }
-                    for m in unique.values()
+                    for i, m in enumerate(unique.values())
                 ],
             )
             fresh = {row.id for row in inserted}  # RETURNING gives only rows that were new
@@ -602,9 +603,11 @@ class FleetStore:
         after: float | None = None,
         limit: int = 50,
     ) -> list[dict[str, Any]]:
-        """Newest first (by arrival); with ``after``, only what arrived since (a live feed's cursor)."""
+        """Newest first (by arrival). With ``after`` (a live feed's cursor), what arrived since, oldest
+        first: a feed that pages forward from its cursor misses nothing, however many came at once."""
         m = messages.c
-        q = sa.select(messages).order_by(m.received_at.desc(), m.id).limit(limit)
+        order = (m.received_at, m.id) if after is not None else (m.received_at.desc(), m.id)
+        q = sa.select(messages).order_by(*order).limit(limit)
         if kind:
             q = q.where(m.kind == kind)
         if device:

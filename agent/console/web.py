@@ -506,7 +506,8 @@ def create_app(ctx: WebContext) -> Flask:
             with ctx.alerts_changed:  # woken by this replica's ingest; another replica's: by the recheck
                 ctx.alerts_changed.wait(min(left, 0.1))
         cursor = max((i["received_at"] for i in items), default=after if after is not None else time.time())
-        return jsonify({"alerts": items, "cursor": cursor})
+        # with a cursor the page is oldest first; "more": ask again at once from the new cursor
+        return jsonify({"alerts": items, "cursor": cursor, "more": after is not None and len(items) == limit})
 
     @app.get("/api/alerts/histogram")
     def api_alert_histogram() -> Any:

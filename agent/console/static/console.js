@@ -39,7 +39,7 @@ async function alertFeed(ul) {
       const doc = await r.json();
       const empty = ul.querySelector(".empty");
       if (doc.alerts.length && empty) empty.remove();
-      for (const a of doc.alerts.slice().reverse()) ul.prepend(alertItem(a));
+      for (const a of doc.alerts) ul.prepend(alertItem(a)); // oldest first: the newest ends on top
       while (ul.children.length > 50) ul.lastElementChild.remove();
       cursor = String(doc.cursor);
     } catch (e) {

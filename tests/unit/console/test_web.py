@@ -100,6 +100,7 @@ def client(tmp_path: Path) -> FlaskClient:
     cfg = ConsoleServiceConfig(tokens=(ConsoleToken("unit", hashlib.sha256(TOKEN.encode()).hexdigest()),))
     app = create_app(WebContext(config=cfg, store=store, orchestrator=orch, requester=requester))
     app.config["rollout"] = r["id"]
+    app.config["store"] = store
     return app.test_client()
 
 
@@ -147,3 +148,24 @@ def test_api_documents(client: FlaskClient) -> None:
     # a device the broker cannot reach: a clear 502, not a traceback
     live = client.get("/api/devices/gw-1/live/status", headers=AUTH)
     assert live.status_code == 502 and "no broker" in live.json["error"]  # type: ignore[index]
+
+
+def test_the_alert_feed_misses_nothing_of_a_burst(client: FlaskClient) -> None:
+    store = client.application.config["store"]
+    first = client.get("/api/alerts", headers=AUTH).json
+    assert first is not None
+    cursor = first["cursor"]
+    burst = [
+        Stored(f"gw-2:{i}", "gw-2", "alerts", 10 + i, i, {"reason": "not-allowlisted", "n": i})
+        for i in range(120)
+    ]
+    store.store_messages(burst, "r1")  # one batch, one commit: 120 alerts arrive at once
+    seen: list[int] = []
+    while True:
+        page = client.get(f"/api/alerts?after={cursor}&limit=50", headers=AUTH).json
+        assert page is not None
+        seen += [a["data"]["n"] for a in page["alerts"]]
+        cursor = page["cursor"]
+        if not page["more"]:
+            break
+    assert seen == list(range(120))
