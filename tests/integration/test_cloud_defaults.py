@@ -43,7 +43,9 @@ def device(
 ) -> Iterator[tuple[Path, AgentProcess, Console]]:
     dockerd.remove_all_containers()
     broker = make_broker(tmp_path / "broker")
-    config = agent_config(tmp_path, dockerd, broker, allow_unsigned_policy=False)  # the shipped default
+    config = agent_config(  # the shipped default, on a device of group g1
+        tmp_path, dockerd, broker, allow_unsigned_policy=False, device={"id": "dev-1", "groups": ["g1"]}
+    )
     cli(config, "enforcement", "--mode", "enforce", check=True)
     agent = AgentProcess(config, tmp_path / "agent.log")
     try:
@@ -58,11 +60,16 @@ def device(
 
 
 def test_unsigned_changes_over_mqtt_are_refused_counted_and_change_nothing(
-    device: tuple[Path, AgentProcess, Console], dockerd: Dockerd
+    device: tuple[Path, AgentProcess, Console], dockerd: Dockerd, busybox_images: dict[str, str]
 ) -> None:
     config, agent, console = device
     before = cli(config, "policy", "export", check=True).stdout
-    for method, resource, body in ATTACKS:
+    # the console's wave delivery, aimed by whoever reaches the topic: a group layer allowing OTHER
+    attacks = [
+        *ATTACKS,
+        ("PUT", ("fleet", "g1"), {"version": 9, "allowlist": [{"digest": busybox_images[OTHER]}]}),
+    ]
+    for method, resource, body in attacks:
         code, message = console.status(method, *resource, body=body)
         assert code == 403, (method, resource, code, message)
         assert "signed" in message, message
@@ -70,8 +77,9 @@ def test_unsigned_changes_over_mqtt_are_refused_counted_and_change_nothing(
     status = console.ok("get-status.reply", "GET", "status")
     assert status["enforcement"] == {"enabled": True, "mode": "enforce"}
     rejected = sum(v for k, v in status["counters"].items() if k.startswith("policy_rejected."))
-    assert rejected == len(ATTACKS), status["counters"]
-    assert agent.log().count("refused (signed-document-required)") == len(ATTACKS)
+    assert rejected == len(attacks), status["counters"]
+    assert agent.log().count("refused (signed-document-required)") == len(attacks)
+    assert status["policy"]["layers"].get("group:g1", 0) == 0
     dockerd.docker("run", "-d", "--name", "after-the-attempts", OTHER)
     wait_for(
         lambda: "after-the-attempts" not in dockerd.docker("ps", "-a", "--format", "{{.Names}}").stdout,

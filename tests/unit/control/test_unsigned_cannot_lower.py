@@ -18,7 +18,10 @@ from tests.unit.control.test_resources_fuzz import near_valid
 
 ALLOWED = "sha256:" + "c" * 64
 ROUTES = sorted(
-    {(m, tuple(s.replace("{digest}", ALLOWED).replace("{name}", "a") for s in r)) for m, r in _TABLE}
+    {
+        (m, tuple(s.replace("{digest}", ALLOWED).replace("{name}", "a").replace("{group}", "g1") for s in r))
+        for m, r in _TABLE
+    }
     | {("PUT", ("instances", "a")), ("DEL", ("instances", "a"))}
 )
 WRITES = [r for r in ROUTES if r[0] in ("PUT", "POST", "DEL") and r[1][0] not in ("scan", "verify")]
@@ -89,6 +92,7 @@ def test_no_sequence_of_unsigned_requests_lowers_enforcement(
     policy = h.service.effective()
     assert policy.enforcement.enabled and policy.enforcement.mode == "enforce"
     assert [str(d) for d in policy.allowlist] == [ALLOWED] and policy.trust_anchors == ()
+    assert "group:g1" not in policy.versions or policy.versions["group:g1"] == 0  # PUT fleet/g1 took nothing
     assert _fingerprint(h) == before
 
 
