@@ -22,7 +22,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -327,20 +327,17 @@ class FleetStore:
         return self.engine.url.render_as_string(hide_password=True)
 
     @contextmanager
-    def _tx(self) -> Iterator[Connection]:
+    def _tx(self, *, write: bool = True) -> Iterator[Connection]:
+        """One transaction (committed on success), or with ``write=False`` one connection to read from;
+        every database failure becomes :class:`FleetDbError`."""
         try:
-            with self.engine.begin() as conn:
+            with self.engine.begin() if write else self.engine.connect() as conn:
                 yield conn
         except sa.exc.SQLAlchemyError as exc:
             raise FleetDbError(f"console database {self._where()}: {_short(exc)}") from None
 
-    @contextmanager
-    def _read(self) -> Iterator[Connection]:
-        try:
-            with self.engine.connect() as conn:
-                yield conn
-        except sa.exc.SQLAlchemyError as exc:
-            raise FleetDbError(f"console database {self._where()}: {_short(exc)}") from None
+    def _read(self) -> AbstractContextManager[Connection]:
+        return self._tx(write=False)
 
     def _insert(self, table: sa.Table) -> Any:
         if self.dialect == "postgresql":
