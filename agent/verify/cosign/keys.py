@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from typing import Any
 
 import nacl.exceptions
@@ -19,6 +20,7 @@ import nacl.secret
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.utils import CryptographyDeprecationWarning
 
 from agent.errors import Code, KeyMaterialError, VerificationError
 from agent.verify.cosign.encoding import (
@@ -93,7 +95,10 @@ def load_public_key(pem: str | bytes, what: str = "public key") -> PublicKey:
 
 def public_key_from_der(der: bytes, what: str = "public key") -> PublicKey:
     try:
-        key = serialization.load_der_public_key(der)
+        with warnings.catch_warnings():
+            # cryptography 48+ warns on loading a DSA key; check_key refuses it with a clear error
+            warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+            key = serialization.load_der_public_key(der)
     except (ValueError, UnsupportedAlgorithm) as exc:
         raise KeyMaterialError(f"{what}: not a valid PKIX public key: {exc}") from None
     return check_key(key, what)
