@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent import __version__, logs
 from agent import config as config_mod
+from agent.adapters.cgroups import CgroupError, CgroupWatch
 from agent.adapters.engine import Engine
 from agent.adapters.store import Store
 from agent.adapters.systemd import Notifier, inherited_unix_socket
@@ -237,6 +238,7 @@ class Agent:
         self.engine = Engine(config.engine.url, config.engine.timeout_seconds)
         self.enforcer: Enforcer | None = None
         self.monitor: Monitor | None = None
+        self.cgroup_watch: CgroupWatch | None = None
         self.scanner: Scanner | None = None
         self.listener: Listener | DatabaseWatch | None = None
         self.authz: AuthzServer | None = None
@@ -326,6 +328,8 @@ class Agent:
                 self.statewatch.stop()
                 self.lock.release()
                 raise
+        if self.config.enforcement.freeze_on_create:
+            self._start_cgroup_watch(self.enforcer)
         self.scanner = Scanner(self.enforcer, self.config.enforcement.reconcile_seconds)
         self.scanner.start()
         self.instances = InstanceManager(self.config, self.service, self.engine, on_pins_changed=self.reload)
@@ -379,6 +383,23 @@ class Agent:
                 "the allowlist is empty and no trust anchor is configured: every container will be blocked"
             )
 
+    def _start_cgroup_watch(self, enforcer: Enforcer) -> None:
+        """Gate every start at its cgroup's creation; then settle the starts an earlier agent left frozen
+        there (before the monitor and the first scan, which would wait on those containers' locks)."""
+        watch = CgroupWatch(enforcer.gate)
+        try:
+            watch.start()
+        except CgroupError as exc:  # an optional part: starts are still frozen at their start event
+            self.disable("freeze on create", exc)
+            return
+        self.cgroup_watch = watch
+        enforcer.held_cgroups = watch.existing
+        try:
+            if found := enforcer.recover_gated(watch.existing()):
+                log.warning("%d container starts were left frozen by an earlier agent; deciding them", found)
+        except Exception as exc:  # the periodic check tries again
+            log.warning("could not look for starts left frozen: %s", exc)
+
     def _start_metrics(self) -> None:
         # prometheus-client loads only when the endpoint is on (bench/footprint.py measures both)
         from agent.adapters.httpd import LocalHttpServer
@@ -431,12 +452,17 @@ class Agent:
         self.reload()
 
     def _on_event(self, event: ContainerEvent) -> None:
-        if event.action != "start":  # a managed instance's container ended: recreate it
-            if self.instances is not None and event.instance:
-                self.instances.container_gone(event.instance, event.container_id, event.action)
-            return
         assert self.enforcer is not None
-        self.enforcer.submit(event.container_id, "start", event)
+        if event.action == "create":
+            self.enforcer.created(event.container_id)
+            return
+        if event.action == "start":
+            self.enforcer.submit(event.container_id, "start", event)
+            return
+        if event.action == "destroy":
+            self.enforcer.destroyed(event.container_id)
+        if self.instances is not None and event.instance:  # a managed instance's container ended: recreate it
+            self.instances.container_gone(event.instance, event.container_id, event.action)
 
     def _on_connected(self, reconnect: bool) -> None:
         assert self.scanner is not None
@@ -494,7 +520,7 @@ class Agent:
             self.cloud.stop()
         if self.metrics_server is not None:
             self.metrics_server.close()
-        for part in (self.instances, self.monitor, self.scanner):
+        for part in (self.instances, self.monitor, self.scanner, self.cgroup_watch):
             if part is not None:
                 part.stop()
         if self.listener is not None:

@@ -45,6 +45,9 @@ class EnforcementConfig:
     negative_cache_seconds: float = 60.0
     #: how often every container is checked against what was decided (catches anything missed)
     reconcile_seconds: float = 30.0
+    #: freeze a container the moment the runtime makes its cgroup, before its entrypoint runs, and kill it
+    #: there when it cannot be allowed (agent/runtime/enforcer.py, Enforcer.gate)
+    freeze_on_create: bool = True
     #: whether the configuration names the mode: if not, a device on which no policy was ever set runs in
     #: audit mode, so that the first start of the agent removes nothing
     mode_configured: bool = False

@@ -205,6 +205,8 @@ class AgentProcess:
     python_args: list[str] = field(default_factory=list)
     #: more TOML appended to the configuration (e.g. a [metrics] section)
     extra_config: str = ""
+    #: more keys of the [enforcement] section (e.g. "freeze_on_create = false")
+    enforcement: str = ""
     proc: subprocess.Popen[bytes] | None = None
     launched_ns: int = 0
     lines: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
@@ -216,7 +218,7 @@ class AgentProcess:
         cfg = self.workdir / "config.toml"
         cfg.write_text(
             f'[device]\nid = "bench"\n\n[engine]\nurl = "{self.engine_url}"\n\n[state]\ndir = "{state}"\n\n'
-            f'[enforcement]\nmode = "enforce"\nstop_grace_seconds = {self.grace}\n\n'
+            f'[enforcement]\nmode = "enforce"\nstop_grace_seconds = {self.grace}\n{self.enforcement}\n'
             '[logging]\nlevel = "info"\nformat = "json"\n' + self.extra_config
         )
         return cfg

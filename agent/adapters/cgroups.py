@@ -12,20 +12,53 @@ Both cgroup versions and both of dockerd's drivers are found from the container 
 - v1: the same two places under ``<root>/freezer``, with ``freezer.state`` and ``cgroup.procs``.
 
 Every failure is :class:`CgroupError`; a container without a cgroup (not running, or gone) is None.
+
+:class:`CgroupWatch` tells the moment dockerd's runtime makes a container's cgroup. runc makes it, and puts
+the container's first process in it, before that process execs the entrypoint: a cgroup frozen now holds the
+container before any of its own code runs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import select
 import signal
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from inotify_simple import INotify, flags
+
 from agent.errors import ImageGuardError
 
+log = logging.getLogger(__name__)
+
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+#: where dockerd's two cgroup drivers put containers, below the hierarchy's base
+PARENTS = ("docker", "system.slice")
+
+
+def hierarchy(root: Path = CGROUP_ROOT) -> tuple[Path, bool]:
+    """The base under which container cgroups live, and whether it is cgroup v2 (the unified hierarchy);
+    on v1 that is the freezer hierarchy, the one that can hold a container's processes."""
+    v2 = (root / "cgroup.controllers").exists()
+    return (root if v2 else root / "freezer"), v2
+
+
+def _is_id(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+
+
+def container_id_of(name: str) -> str | None:
+    """The container a cgroup directory is named for: ``<id>`` (cgroupfs) or ``docker-<id>.scope``
+    (systemd); None for any other directory (system.slice holds every service's cgroup)."""
+    if name.startswith("docker-") and name.endswith(".scope"):
+        name = name[len("docker-") : -len(".scope")]
+    return name if _is_id(name) else None
 
 
 class CgroupError(ImageGuardError):
@@ -39,11 +72,10 @@ class ContainerCgroup:
 
     @classmethod
     def find(cls, container_id: str, root: Path = CGROUP_ROOT) -> ContainerCgroup | None:
-        if len(container_id) != 64 or not all(c in "0123456789abcdef" for c in container_id):
+        if not _is_id(container_id):
             return None  # only a full id names a cgroup; never build a path from anything else
-        v2 = (root / "cgroup.controllers").exists()
-        base = root if v2 else root / "freezer"
-        for parent in ("docker", "system.slice"):
+        base, v2 = hierarchy(root)
+        for parent in PARENTS:
             for leaf in (container_id, f"docker-{container_id}.scope"):
                 path = base / parent / leaf
                 if path.is_dir():
@@ -100,3 +132,100 @@ class ContainerCgroup:
             (self.path / name).write_text(value)
         except OSError as exc:
             raise CgroupError(f"cannot write {value!r} to {self.path / name}: {exc.strerror}") from None
+
+
+class CgroupWatch:
+    """Calls ``on_cgroup(container_id, cgroup)`` on its own thread the moment a container's cgroup is made.
+
+    inotify on the parents dockerd uses (``docker/`` for cgroupfs, ``system.slice/`` for systemd), and on the
+    base for a parent that does not exist yet (dockerd makes ``docker/`` with its first container). The
+    callback runs on the watch thread, so it must be quick: it freezes and hands the rest to others.
+    """
+
+    def __init__(self, on_cgroup: Callable[[str, ContainerCgroup], None], root: Path = CGROUP_ROOT) -> None:
+        self.on_cgroup = on_cgroup
+        self.base, self.v2 = hierarchy(root)
+        self._inotify: INotify | None = None
+        self._parents: dict[int, Path] = {}  # watch descriptor -> parent directory (the base included)
+        self._stop_r, self._stop_w = -1, -1
+        self._thread: threading.Thread | None = None
+        #: events the kernel dropped (its queue overflowed): those containers wait for their start event
+        self.overflows = 0
+
+    def start(self) -> None:
+        """Raises CgroupError when the hierarchy cannot be watched (no cgroup access, no inotify)."""
+        if not self.base.is_dir():
+            raise CgroupError(f"no cgroup hierarchy to watch at {self.base}")
+        try:
+            self._inotify = INotify()
+            self._add(self.base)
+            for name in PARENTS:
+                if (self.base / name).is_dir():
+                    self._add(self.base / name)
+        except OSError as exc:
+            if self._inotify is not None:
+                self._inotify.close()
+            raise CgroupError(f"cannot watch {self.base} for new containers: {exc.strerror or exc}") from None
+        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
+        self._thread = threading.Thread(target=self._run, name="cgroup-watch", daemon=True)
+        self._thread.start()
+
+    def existing(self) -> list[tuple[str, ContainerCgroup]]:
+        """The container cgroups there are now (an agent that starts looks for what an earlier one froze)."""
+        out = []
+        for name in PARENTS:
+            with contextlib.suppress(OSError):
+                for entry in os.scandir(self.base / name):
+                    if entry.is_dir(follow_symlinks=False) and (cid := container_id_of(entry.name)):
+                        out.append((cid, ContainerCgroup(Path(entry.path), self.v2)))
+        return out
+
+    def stop(self) -> None:
+        if self._thread is None:
+            return
+        os.write(self._stop_w, b"x")
+        self._thread.join(timeout=5)
+        self._thread = None
+        for fd in (self._stop_r, self._stop_w):
+            os.close(fd)
+        if self._inotify is not None:
+            self._inotify.close()
+
+    def _add(self, directory: Path) -> None:
+        assert self._inotify is not None
+        wd = self._inotify.add_watch(directory, flags.CREATE | flags.ONLYDIR)
+        self._parents[wd] = directory
+
+    def _run(self) -> None:
+        assert self._inotify is not None
+        poller = select.poll()
+        poller.register(self._inotify.fileno(), select.POLLIN)
+        poller.register(self._stop_r, select.POLLIN)
+        while True:
+            ready = {fd for fd, _ in poller.poll()}
+            if self._stop_r in ready:
+                return
+            for event in self._inotify.read(timeout=0):
+                try:
+                    self._event(event.wd, event.mask, event.name)
+                except Exception:  # one bad event never ends the watch
+                    log.exception("cgroup watch: handling a new cgroup failed")
+
+    def _event(self, wd: int, mask: int, name: str) -> None:
+        if mask & flags.Q_OVERFLOW:
+            self.overflows += 1
+            log.warning("cgroup watch: the kernel dropped events; those containers are frozen at their start")
+            return
+        parent = self._parents.get(wd)
+        if parent is None or not mask & flags.ISDIR:
+            return
+        if parent == self.base:
+            if name in PARENTS:
+                self._add(parent / name)
+                # a container may have been made in it before the watch was
+                for found, cg in self.existing():
+                    if cg.path.parent == parent / name:
+                        self.on_cgroup(found, cg)
+            return
+        if (cid := container_id_of(name)) is not None:
+            self.on_cgroup(cid, ContainerCgroup(parent / name, self.v2))

@@ -27,6 +27,7 @@ from agent.core.facts import (
     allowlist_digests,
     facts_for_create,
     facts_from_inspect,
+    facts_from_listing,
     parse_event,
     parse_repo_digest,
 )
@@ -179,6 +180,20 @@ class Engine:
         container = self._call("inspect a container", c.inspect_container, container_id)
         image = self._image(container.get("Image", ""))
         return facts_from_inspect(container, image)
+
+    def listed_facts(self, container_id: str) -> ContainerFacts:
+        """What the container list says of one container (no runtime facts), without waiting for its lock.
+
+        dockerd holds a container's lock for the whole of its start, and an inspect waits on it; the list is
+        read from its in-memory view and answers meanwhile. Raises Gone if the engine has no such container.
+        """
+        items = self._call(
+            "list containers", self._client().containers, all=True, trunc=False, filters={"id": container_id}
+        )
+        for item in items or ():
+            if isinstance(item, dict) and item.get("Id") == container_id:
+                return facts_from_listing(item, self._image(str(item.get("ImageID", ""))))
+        raise Gone(f"no container {container_id[:12]} on the engine")
 
     def facts_for_create(self, request: dict[str, Any], name: str) -> ContainerFacts:
         """What a create request would make (its image looked up by the reference it names).
@@ -337,11 +352,12 @@ class Engine:
     # -- events ----------------------------------------------------------------------------------
 
     def open_events(self, since: str | None) -> EventStream:
-        """Open the event stream (container starts, plugin installs), replaying from ``since`` if given."""
+        """Open the event stream (container lifecycles, plugin installs), replaying from ``since`` if given."""
         client = self._new_client(None)
-        # die/destroy: only those of managed instances are kept (ContainerEvent.from_raw), so that a removed
-        # or exited instance is recreated at once
-        filters = {"type": ["container", "plugin"], "event": ["start", "die", "destroy", *PLUGIN_ACTIONS]}
+        # create: the container's start may be gated; die: only a managed instance's is kept
+        # (ContainerEvent.from_raw), so that an exited instance is recreated at once
+        events = dict.fromkeys(["create", "start", "die", "destroy", *PLUGIN_ACTIONS])
+        filters = {"type": ["container", "plugin"], "event": list(events)}
         stream = self._call("stream events", client.events, since=since, filters=filters, decode=True)
         return EventStream(client, stream)
 

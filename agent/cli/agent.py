@@ -422,6 +422,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             storage += f"; records lost: {_counts(lost)}"
         if poison := st["poison_rows"]:
             storage += f"; undecodable rows set aside: {_counts(poison)} (table poison_rows)"
+        counted = {k: status["counters"].get(k, 0) for k in _ENFORCEMENT_COUNTERS}
+        actions = (
+            ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in counted.items() if v) or "nothing to report"
+        )
         return "\n".join(
             [
                 f"device:       {status['device']}  (config {status['config']})",
@@ -432,6 +436,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 f"anchors {', '.join(p['trust_anchors']) or 'none'}",
                 f"verified:     {status['verified_digests']} digests",
                 f"decisions:    {status['decisions']} recorded",
+                f"enforcing:    {actions}",
                 f"outbox:       {status['outbox']['queued']} queued",
                 f"storage:      {storage}",
             ]
@@ -441,6 +446,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     healthy = status["agent"]["running"] and engine["reachable"]
     return EXIT_OK if healthy else EXIT_NEGATIVE
 
+
+#: what enforcement counts (agent/runtime/enforcer.py): kills before an entrypoint ran, and every failure
+_ENFORCEMENT_COUNTERS = (
+    "killed_before_entrypoint",
+    "retries",
+    "engine_errors",
+    "removal_failures",
+    "enforcement_errors",
+    "thaw_failures",
+)
 
 _DECISION_COLUMNS = ("TIME", "VERDICT", "CONTAINER", "IMAGE", "REASON", "DIGEST")
 

@@ -30,14 +30,17 @@ class ContainerEvent:
 
     @classmethod
     def from_raw(cls, raw: Mapping[str, Any]) -> ContainerEvent | None:
-        """Parse one /events record; anything that is not a container start is dropped (None)."""
+        """Parse one /events record; anything that is not a container lifecycle event we act on is dropped."""
         if raw.get("Type") != "container":
             return None
         action = raw.get("Action") or raw.get("status") or ""
         actor = raw.get("Actor") or {}
         attrs = actor.get("Attributes") or {}
-        # starts of every container; the end of a managed instance's container (it is recreated)
-        if action != "start" and not (action in ("die", "destroy") and attrs.get(MANAGED_LABEL) == "true"):
+        # every container's create (its start is gated on it), start and destroy; the die of a managed
+        # instance's container (it is recreated)
+        if action not in ("create", "start", "destroy") and not (
+            action == "die" and attrs.get(MANAGED_LABEL) == "true"
+        ):
             return None
         cid = actor.get("ID") or raw.get("id")
         if not isinstance(cid, str) or not cid:
@@ -189,6 +192,37 @@ class ListedContainer:
         if not isinstance(cid, str) or not isinstance(labels, Mapping):
             return None
         return cls(cid, str(raw.get("State") or ""), {str(k): str(v) for k, v in labels.items()})
+
+
+def facts_from_listing(listed: Mapping[str, Any], image: Mapping[str, Any] | None) -> ContainerFacts:
+    """Facts from a container's entry in ``GET /containers/json`` and its image's inspect.
+
+    The list is read from dockerd's in-memory view without the container's lock, so it answers while a start
+    holds that lock; it does not say how the container is started (``runtime`` is None): enough to block an
+    image that is not allowed, never enough to allow a container (runtime constraints are unknown).
+    """
+    img = image or {}
+    repo_digests = tuple(
+        parsed
+        for entry in img.get("RepoDigests") or ()
+        if isinstance(entry, str) and (parsed := parse_repo_digest(entry))
+    )
+    try:
+        image_id: Digest | None = Digest.parse(str(listed.get("ImageID", "")))
+    except ImageGuardError:
+        image_id = None
+    names = listed.get("Names")
+    name = str(names[0]).lstrip("/") if isinstance(names, list) and names else ""
+    labels = listed.get("Labels")
+    return ContainerFacts(
+        id=str(listed.get("Id", "")),
+        name=name,
+        image=str(listed.get("Image", "")),
+        image_id=image_id,
+        repo_digests=repo_digests,
+        state=str(listed.get("State") or "unknown"),
+        labels={str(k): str(v) for k, v in labels.items()} if isinstance(labels, Mapping) else {},
+    )
 
 
 def facts_for_create(

@@ -4,6 +4,11 @@ Work for one container always runs on the same lane (a single thread), so events
 handled in order while different containers are handled in parallel. A container whose signature must be
 checked leaves its lane while the registry answers (frozen meanwhile) and comes back to it for the verdict:
 a slow registry never delays the containers that share the lane.
+
+A start is gated twice. The moment the runtime makes the container's cgroup (:meth:`Enforcer.gate`, before
+its entrypoint runs), it is frozen and decided on what is known without waiting for dockerd: a container
+that cannot be allowed is killed before any of its code runs. Whatever that cannot settle (a signature to
+check, runtime constraints not yet known) is thawed and decided at its start event, frozen again meanwhile.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import queue
 import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -65,6 +70,8 @@ class ContainerEngine(Protocol):
     def container_ids(self) -> list[str]: ...
 
     def container_facts(self, container_id: str) -> ContainerFacts: ...
+
+    def listed_facts(self, container_id: str) -> ContainerFacts: ...
 
     def facts_for_create(self, request: dict[str, Any], name: str) -> ContainerFacts: ...
 
@@ -203,6 +210,12 @@ class Enforcer:
         self._prefetch: dict[str, Future[ContainerFacts]] = {}
         #: containers allowed at some point (bounded): only these get a grace period when they lose that
         self._allowed_once: dict[str, None] = {}
+        #: containers of this engine (bounded; from create events and listings): only their cgroups are gated,
+        #: never those of another engine on the same host
+        self._ours: dict[str, None] = {}
+        #: the container cgroups there are now (set when the cgroup watch runs): the periodic check looks
+        #: among them for starts left frozen
+        self.held_cgroups: Callable[[], Iterable[tuple[str, ContainerCgroup]]] | None = None
         self._lock = threading.Lock()
         #: called with (seconds, verified) after each verification (metrics)
         self.on_verification: Callable[[float, bool], None] | None = None
@@ -245,6 +258,124 @@ class Enforcer:
         if trigger == "start" and not self._authorized_now(container_id):
             self._freeze(container_id)
         return self._lanes.submit(container_id, lambda: self._handle_safely(container_id, trigger, event))
+
+    # -- the gate at cgroup creation --------------------------------------------------------------
+
+    def created(self, container_id: str) -> None:
+        """A create event: the container is this engine's, and its facts are fetched now, while no start holds
+        its lock, so that the gate can settle its start (allowed ones included) without asking dockerd."""
+        self._know((container_id,))
+        with self._lock:
+            fetching = container_id in self._prefetch
+        if not fetching and self._enforcing():
+            self.prefetch(container_id)
+
+    def destroyed(self, container_id: str) -> None:
+        with self._lock:
+            self._ours.pop(container_id, None)
+            self._prefetch.pop(container_id, None)
+
+    def _know(self, container_ids: Iterable[str]) -> None:
+        with self._lock:
+            for cid in container_ids:
+                self._ours[cid] = None
+            while len(self._ours) > 16384:  # bounded: drop the oldest
+                del self._ours[next(iter(self._ours))]
+
+    def _enforcing(self) -> bool:
+        e = self._policy.enforcement
+        return e.enabled and e.mode == "enforce"
+
+    def gate(self, container_id: str, cgroup: ContainerCgroup) -> None:
+        """The runtime just made this container's cgroup (agent/adapters/cgroups.py, on the watch thread):
+        freeze it before the entrypoint runs, and decide on the container's lane.
+
+        Only a container of this engine, not already allowed by the authorization plugin, in enforce mode.
+        """
+        if not self._enforcing() or self._authorized_now(container_id):
+            return
+        with self._lock:
+            if container_id not in self._ours:
+                return
+        try:
+            cgroup.freeze()
+        except CgroupError as exc:
+            log.debug("could not freeze %s at its cgroup's creation: %s", container_id[:12], exc)
+            return
+        with self._lock:
+            self._frozen[container_id] = cgroup
+        self._lanes.submit(container_id, lambda: self._decide_gated(container_id))
+
+    def _decide_gated(self, container_id: str) -> Handled | None:
+        """Settle a start held at its cgroup's creation: dockerd holds the container's lock until the start
+        ends, which waits for us, so nothing here waits on an inspect. Blocked: killed before its entrypoint
+        ran (the start fails) and removed. Allowed on full facts: thawed, and its start event is not decided
+        again. Anything else: thawed, to be decided at its start event like any other start."""
+        with self._lock:
+            cgroup = self._frozen.pop(container_id, None)
+        if cgroup is None:
+            return None  # decided meanwhile
+        policy = self._policy
+        try:
+            facts, decision = self._decide(container_id, policy, self._facts_before_start)
+        except Gone:
+            self._thaw(cgroup)  # not this engine's after all
+            return None
+        except Exception as exc:  # the start event decides it, frozen again meanwhile
+            log.warning("could not decide on %s at its cgroup's creation: %s", container_id[:12], exc)
+            self._thaw(cgroup)
+            return None
+        settled = decision.verdict == "blocked" or (
+            decision.verdict == "allowed" and facts.runtime is not None
+        )
+        if not settled:
+            log.debug(
+                "container %s: not settled at its cgroup's creation (%s); decided at its start",
+                container_id[:12],
+                "signature to check" if decision.pending else "runtime facts not known yet",
+            )
+            self._thaw(cgroup)
+            return None
+        handled = self._finish(InFlight(facts, decision, policy, "start", cgroup, False))
+        if decision.verdict == "allowed":
+            with self._lock:
+                self._authorized[container_id] = (policy, self.clock())
+        else:
+            self._count("killed_before_entrypoint")
+        return handled
+
+    def _facts_before_start(self, container_id: str) -> ContainerFacts:
+        """The inspect made after the container's create if it has answered; otherwise the lock-free list."""
+        with self._lock:
+            fut = self._prefetch.get(container_id)
+            if fut is not None and fut.done() and fut.exception() is None:
+                del self._prefetch[container_id]
+                return fut.result()
+        return self.engine.listed_facts(container_id)
+
+    def recover_gated(self, cgroups: Iterable[tuple[str, ContainerCgroup]]) -> int:
+        """A container frozen at its cgroup's creation by an agent that stopped before deciding holds its start
+        (and dockerd's lock on it) for good: decide each again (at start, and with every periodic check).
+        Returns how many."""
+        found = 0
+        for cid, cgroup in cgroups:
+            try:
+                if not cgroup.frozen():
+                    continue
+                state = self.engine.listed_facts(cid).state
+            except (CgroupError, Gone, EngineError):
+                continue  # gone, or another engine's
+            if state != "created":
+                continue  # running ones are the scan's (it finds them frozen); paused ones are the user's
+            with self._lock:
+                if cid in self._frozen or cid in self._decided:
+                    continue  # being decided now
+                self._frozen[cid] = cgroup
+            log.warning("container %s was left frozen before its start (an earlier agent stopped)", cid[:12])
+            self._know((cid,))
+            self._lanes.submit(cid, partial(self._decide_gated, cid))
+            found += 1
+        return found
 
     def _handle_safely(self, container_id: str, trigger: str, event: ContainerEvent | None) -> Handled | None:
         """:meth:`handle`, and when the engine fails, a retry with backoff: nothing is left undecided."""
@@ -309,7 +440,7 @@ class Enforcer:
         return entry is not None and entry[0] is self._policy
 
     def _freeze(self, container_id: str) -> None:
-        if not self._policy.enforcement.enabled or self._policy.enforcement.mode != "enforce":
+        if not self._enforcing():
             return
         try:
             cg = self.cgroups(container_id)
@@ -327,9 +458,13 @@ class Enforcer:
 
         Anything a lost event, a failed retry or a race let through is caught here. Returns how many.
         """
+        if self.held_cgroups is not None:
+            self.recover_gated(self.held_cgroups())
         with self._lock:
             known = set(self._decided) | set(self._frozen) | set(self._attempts) | self._verifying
-        missed = [cid for cid in self.engine.container_ids() if cid not in known]
+        ids = self.engine.container_ids()
+        self._know(ids)
+        missed = [cid for cid in ids if cid not in known]
         for cid in missed:
             self.submit(cid, "reconcile")
         return len(missed)
@@ -337,6 +472,7 @@ class Enforcer:
     def scan(self, *, dry_run: bool = False, trigger: str = "scan") -> list[Handled]:
         """Decide (and unless ``dry_run``, act) on every container, running or stopped."""
         ids = self.engine.container_ids()
+        self._know(ids)
         futures = [
             (cid, self._lanes.submit(cid, partial(self.handle, cid, trigger, dry_run=dry_run))) for cid in ids
         ]
@@ -593,17 +729,26 @@ class Enforcer:
                 known = False
         return self.settings.stop_grace_seconds if known else 0
 
-    def _decide(self, container_id: str, policy: EffectivePolicy) -> tuple[ContainerFacts, Decision]:
+    def _decide(
+        self,
+        container_id: str,
+        policy: EffectivePolicy,
+        fetch: Callable[[str], ContainerFacts] | None = None,
+    ) -> tuple[ContainerFacts, Decision]:
         """Facts (image details may come from the cache) and the decision on them.
 
         A cached image may lack registry digests added since (a later pull or push), so anything short of
-        "allowed" is decided again on a fresh inspect before it counts.
+        "allowed" is decided again on a fresh look before it counts.
         """
-        facts = self._prefetched_facts(container_id) or self.engine.container_facts(container_id)
+        if fetch is None:
+            facts = self._prefetched_facts(container_id) or self.engine.container_facts(container_id)
+            fetch = self.engine.container_facts
+        else:
+            facts = fetch(container_id)
         decision = decide(facts, policy, self._evidence())
         stale = decision.verdict != "allowed" and facts.image_id is not None
         if stale and self.engine.forget_image(str(facts.image_id)):
-            facts = self.engine.container_facts(container_id)
+            facts = fetch(container_id)
             decision = decide(facts, policy, self._evidence())
         return facts, decision
 

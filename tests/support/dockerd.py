@@ -23,6 +23,8 @@ BUSYBOX = Path("/usr/bin/busybox")
 class Dockerd:
     root: Path
     extra_args: list[str] = field(default_factory=list)
+    #: a command that runs dockerd (e.g. in a mount namespace of its own): it must exec dockerd in the end
+    wrapper: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -43,6 +45,7 @@ class Dockerd:
         with open(self.root / "dockerd.log", "ab") as log:
             self.proc = subprocess.Popen(
                 [
+                    *self.wrapper,
                     dockerd,
                     "--host",
                     self.url,

@@ -5,6 +5,7 @@ Each implements the Protocol its consumer declares, so mypy checks the fake agai
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,9 @@ class FakeEngine:
     read_only: bool = False
     forget: Callable[[str], bool] = lambda _image_id: False
     lookups: int = 0
+    #: lock-free list look-ups (listed_facts), and the error they raise if set
+    listings: int = 0
+    list_error: Exception | None = None
     removed: list[tuple[str, int]] = field(default_factory=list)
     paused: list[str] = field(default_factory=list)
     unpaused: list[str] = field(default_factory=list)
@@ -41,6 +45,15 @@ class FakeEngine:
         if container_id not in self.containers:
             raise Gone(container_id)
         return self.containers[container_id]
+
+    def listed_facts(self, container_id: str) -> ContainerFacts:
+        """What the lock-free list says: the same container, without its runtime facts."""
+        self.listings += 1
+        if self.list_error is not None:
+            raise self.list_error
+        if container_id not in self.containers:
+            raise Gone(container_id)
+        return dataclasses.replace(self.containers[container_id], runtime=None)
 
     def facts_for_create(self, request: dict[str, Any], name: str) -> ContainerFacts:
         return facts_for_create(request, name, self.images.get(str(request.get("Image", ""))))
