@@ -25,14 +25,15 @@ from agent.core.facts import (
     ListedContainer,
     PluginEvent,
     allowlist_digests,
+    digest_or_none,
     facts_for_create,
     facts_from_inspect,
     facts_from_listing,
     parse_event,
-    parse_repo_digest,
+    repo_digests_of,
 )
 from agent.core.plugins import ManagedPlugin
-from agent.errors import EngineError, ImageGuardError
+from agent.errors import EngineError
 
 log = logging.getLogger(__name__)
 
@@ -240,16 +241,7 @@ class Engine:
         """What to allowlist for a local image (a tag, a digest reference or an id): its registry digests,
         or its image id when it has none. Raises Gone when the engine has no such image."""
         image: dict[str, Any] = self._call("inspect an image", self._client().inspect_image, ref)
-        repo_digests = [
-            parsed
-            for entry in image.get("RepoDigests") or ()
-            if isinstance(entry, str) and (parsed := parse_repo_digest(entry))
-        ]
-        try:
-            image_id: Digest | None = Digest.parse(str(image.get("Id", "")))
-        except ImageGuardError:
-            image_id = None
-        return allowlist_digests(repo_digests, image_id)
+        return allowlist_digests(repo_digests_of(image), digest_or_none(image.get("Id")))
 
     def forget_image(self, image_id: str) -> bool:
         """Drop a cached image inspect; True if there was one."""

@@ -143,19 +143,29 @@ def parse_repo_digest(text: str) -> tuple[ImageRef, Digest] | None:
     return ref, ref.digest
 
 
+def repo_digests_of(image: Mapping[str, Any] | None) -> tuple[tuple[ImageRef, Digest], ...]:
+    """The well-formed ``RepoDigests`` of an image inspect (None: the image is gone)."""
+    return tuple(
+        parsed
+        for entry in (image or {}).get("RepoDigests") or ()
+        if isinstance(entry, str) and (parsed := parse_repo_digest(entry))
+    )
+
+
+def digest_or_none(text: Any) -> Digest | None:
+    """An image id as the engine reports it, or None when it is missing or malformed."""
+    try:
+        return Digest.parse(str(text or ""))
+    except ImageGuardError:
+        return None
+
+
 def facts_from_inspect(container: Mapping[str, Any], image: Mapping[str, Any] | None) -> ContainerFacts:
     """Build facts from ``GET /containers/{id}/json`` and ``GET /images/{id}/json`` (image may be gone)."""
     cfg = container.get("Config") or {}
     state = container.get("State") or {}
-    image_id: Digest | None
-    try:
-        image_id = Digest.parse(container.get("Image", ""))
-    except ImageGuardError:
-        image_id = None
-    repo_digests: list[tuple[ImageRef, Digest]] = []
-    for entry in (image or {}).get("RepoDigests") or ():
-        if isinstance(entry, str) and (parsed := parse_repo_digest(entry)):
-            repo_digests.append(parsed)
+    image_id = digest_or_none(container.get("Image"))
+    repo_digests = repo_digests_of(image)
     return ContainerFacts(
         id=str(container.get("Id", "")),
         name=str(container.get("Name", "")).lstrip("/"),
@@ -201,16 +211,6 @@ def facts_from_listing(listed: Mapping[str, Any], image: Mapping[str, Any] | Non
     holds that lock; it does not say how the container is started (``runtime`` is None): enough to block an
     image that is not allowed, never enough to allow a container (runtime constraints are unknown).
     """
-    img = image or {}
-    repo_digests = tuple(
-        parsed
-        for entry in img.get("RepoDigests") or ()
-        if isinstance(entry, str) and (parsed := parse_repo_digest(entry))
-    )
-    try:
-        image_id: Digest | None = Digest.parse(str(listed.get("ImageID", "")))
-    except ImageGuardError:
-        image_id = None
     names = listed.get("Names")
     name = str(names[0]).lstrip("/") if isinstance(names, list) and names else ""
     labels = listed.get("Labels")
@@ -218,8 +218,8 @@ def facts_from_listing(listed: Mapping[str, Any], image: Mapping[str, Any] | Non
         id=str(listed.get("Id", "")),
         name=name,
         image=str(listed.get("Image", "")),
-        image_id=image_id,
-        repo_digests=repo_digests,
+        image_id=digest_or_none(listed.get("ImageID")),
+        repo_digests=repo_digests_of(image),
         state=str(listed.get("State") or "unknown"),
         labels={str(k): str(v) for k, v in labels.items()} if isinstance(labels, Mapping) else {},
     )
@@ -233,22 +233,13 @@ def facts_for_create(
     ``image`` is the inspect data of the image the request names (None: not on the engine).
     """
     img = image or {}
-    repo_digests = tuple(
-        parsed
-        for entry in img.get("RepoDigests") or ()
-        if isinstance(entry, str) and (parsed := parse_repo_digest(entry))
-    )
-    try:
-        image_id: Digest | None = Digest.parse(str(img.get("Id", "")))
-    except ImageGuardError:
-        image_id = None
     host = request.get("HostConfig")
     return ContainerFacts(
         id="",
         name=name,
         image=str(request.get("Image", "")),
-        image_id=image_id,
-        repo_digests=repo_digests,
+        image_id=digest_or_none(img.get("Id")),
+        repo_digests=repo_digests_of(image),
         state="created",
         labels={str(k): str(v) for k, v in (request.get("Labels") or {}).items()},
         runtime=RuntimeFacts.from_host_config(

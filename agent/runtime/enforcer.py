@@ -359,6 +359,9 @@ class Enforcer:
         Returns how many."""
         found = 0
         for cid, cgroup in cgroups:
+            with self._lock:
+                if cid in self._frozen or cid in self._decided:
+                    continue  # being decided now, or decided
             try:
                 if not cgroup.frozen():
                     continue
@@ -368,8 +371,8 @@ class Enforcer:
             if state != "created":
                 continue  # running ones are the scan's (it finds them frozen); paused ones are the user's
             with self._lock:
-                if cid in self._frozen or cid in self._decided:
-                    continue  # being decided now
+                if cid in self._frozen:
+                    continue  # the gate took it meanwhile
                 self._frozen[cid] = cgroup
             log.warning("container %s was left frozen before its start (an earlier agent stopped)", cid[:12])
             self._know((cid,))

@@ -80,7 +80,7 @@ def test_unsigned_changes_over_mqtt_are_refused_counted_and_change_nothing(
     assert rejected == len(attacks), status["counters"]
     assert agent.log().count("refused (signed-document-required)") == len(attacks)
     assert status["policy"]["layers"].get("group:g1", 0) == 0
-    dockerd.docker("run", "-d", "--name", "after-the-attempts", OTHER)
+    dockerd.run_untrusted("-d", "--name", "after-the-attempts", OTHER)
     wait_for(
         lambda: "after-the-attempts" not in dockerd.docker("ps", "-a", "--format", "{{.Names}}").stdout,
         20,

@@ -20,7 +20,7 @@ PROBE = ["-c", "-i", "alerts-probe", "-q", "1"]  # a persistent session: the bro
 
 def run_unlisted(engine: Dockerd, agent: AgentProcess, names: list[str]) -> None:
     for name in names:
-        engine.docker("run", "-d", "--name", name, OTHER)
+        engine.run_untrusted("-d", "--name", name, OTHER)
         agent.wait_log(f"blocked container {name}")
         wait_for(lambda n=name: engine.docker("inspect", n, check=False).returncode != 0, 15)  # type: ignore[misc]
 

@@ -124,7 +124,7 @@ def test_rollout_in_waves_converges_and_a_blocked_container_raises_an_alert(
 
     # a container no layer allows: every enforcing device blocks it and the alert reaches the console
     before = service.get("/api/alerts")["cursor"]
-    fleet.engine.docker("run", "-d", "--name", "not-on-the-list", ALLOWED)
+    fleet.engine.run_untrusted("-d", "--name", "not-on-the-list", ALLOWED)
     got: list[dict[str, Any]] = []
 
     def alerted() -> bool:
@@ -303,7 +303,7 @@ def test_new_alerts_during_the_soak_stop_the_rollout_before_the_next_wave(
     wait_for(canary_took_it, 30, 0.2, what="the canary applied the layer")
     assert _rollout(service, rid)["state"] == "running"  # watching the canary, not yet the next wave
     # something the layer does not allow starts: the canary blocks it and says so
-    fleet.engine.docker("run", "-d", "--name", "after-the-canary", ALLOWED)
+    fleet.engine.run_untrusted("-d", "--name", "after-the-canary", ALLOWED)
     stopped = _wait_state(service, rid, "stopped", "completed")
     assert stopped["state"] == "stopped" and "alert" in stopped["reason"], stopped
     assert stopped["alerts_after_apply"] >= 1

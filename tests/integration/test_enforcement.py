@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,7 @@ def test_allowed_keeps_running_and_unlisted_is_removed(
 ) -> None:
     config, engine = setup
     engine.docker("run", "-d", "--name", "good", ALLOWED)
-    engine.docker("run", "-d", "--name", "bad", OTHER)
+    engine.run_untrusted("-d", "--name", "bad", OTHER)
     gone(engine, "bad")
     assert running(engine, "good")
     by_name = {d["container"]["name"]: d for d in decisions(config)}
@@ -88,10 +89,10 @@ def test_allowed_keeps_running_and_unlisted_is_removed(
 def test_unlisted_removed_however_started(agent: AgentProcess, setup: tuple[Path, Dockerd], how: str) -> None:
     _, engine = setup
     if how == "run --rm":
-        engine.docker("run", "-d", "--rm", "--name", "victim", OTHER)
+        engine.run_untrusted("-d", "--rm", "--name", "victim", OTHER)
     else:
         engine.docker("create", "--name", "victim", OTHER)
-        engine.docker("start", "victim")
+        engine.start_untrusted("victim")
     gone(engine, "victim")
 
 
@@ -158,7 +159,7 @@ def test_dockerd_restart_while_agent_runs(agent: AgentProcess, setup: tuple[Path
     engine.stop()
     engine.start()
     # started before the agent can have reconnected: caught by the replay or the rescan
-    engine.docker("run", "-d", "--name", "during-outage", OTHER)
+    engine.run_untrusted("-d", "--name", "during-outage", OTHER)
     gone(engine, "during-outage", timeout=30)
     agent.wait_log("following engine events again", timeout=30)
 
@@ -202,7 +203,7 @@ def test_docker_load_image_allowed_by_image_id(setup: tuple[Path, Dockerd], tmp_
 
 def test_scan_cli_dry_run_and_real(setup: tuple[Path, Dockerd]) -> None:
     config, engine = setup
-    engine.docker("run", "-d", "--name", "s-bad", OTHER)
+    engine.run_untrusted("-d", "--name", "s-bad", OTHER)
     engine.docker("run", "-d", "--name", "s-good", ALLOWED)
     dry = cli(config, "scan", "--dry-run", "--json")
     assert dry.returncode == 1, dry.stderr
@@ -233,7 +234,7 @@ def test_sigterm_stops_cleanly(agent: AgentProcess) -> None:
 def test_second_agent_on_same_state_is_refused(agent: AgentProcess, setup: tuple[Path, Dockerd]) -> None:
     config, _ = setup
     out = subprocess.run(
-        ["python", "-m", "agent", "--config", str(config), "run"], capture_output=True, text=True, timeout=30
+        [sys.executable, "-m", "agent", "--config", str(config), "run"], capture_output=True, text=True, timeout=30
     )
     assert out.returncode == 2
     assert "already running" in out.stderr
@@ -244,7 +245,7 @@ def test_monitor_removes_an_allowed_image_that_binds_the_agents_state(
 ) -> None:
     """The same runtime constraints as preventive mode, judged from the container's inspect data."""
     config, engine = setup
-    engine.docker("run", "-d", "--name", "grabber", "-v", f"{tmp_path / 'state'}:/s", ALLOWED)
+    engine.run_untrusted("-d", "--name", "grabber", "-v", f"{tmp_path / 'state'}:/s", ALLOWED)
     engine.docker("run", "-d", "--name", "fine", "-v", f"{tmp_path / 'elsewhere'}:/s", ALLOWED)
     gone(engine, "grabber")
     assert running(engine, "fine")
@@ -264,7 +265,7 @@ def test_a_blocked_wake_up_channel_never_stops_enforcement(
     proc = AgentProcess(config, tmp_path / "agent.log").start()
     try:
         assert "cannot serve the wake-up socket" in proc.log()
-        engine.docker("run", "-d", "--name", "early", ALLOWED)
+        engine.run_untrusted("-d", "--name", "early", ALLOWED)
         gone(engine, "early")  # enforcing
         cli(config, "allowlist", "add", busybox_images[ALLOWED], check=True)  # no wake-up possible
         proc.wait_log("policy reloaded")
@@ -368,7 +369,7 @@ def test_log_lines_carry_their_priority_when_stderr_is_the_journal(
     st = log.stat()
     proc = AgentProcess(config, log, env={"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}).start()
     try:
-        engine.docker("run", "-d", "--name", "ranked", OTHER)
+        engine.run_untrusted("-d", "--name", "ranked", OTHER)
         proc.wait_log("blocked container ranked")
     finally:
         assert proc.stop() == 0
@@ -409,7 +410,7 @@ def test_decisions_follow_prints_each_new_decision(agent: AgentProcess, setup: t
 
     threading.Thread(target=read, daemon=True).start()
     try:
-        engine.docker("run", "-d", "--name", "followed", OTHER)
+        engine.run_untrusted("-d", "--name", "followed", OTHER)
         wait_for(
             lambda: any(r["container"]["name"] == "followed" for r in lines), 15, what="the followed decision"
         )

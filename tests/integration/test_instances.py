@@ -279,7 +279,7 @@ def test_pin_run_update_reject_and_disable(setup: Setup, agent: AgentProcess, tm
     setup.wait_status("web", "disabled")
     out = cli(setup.config, "instances", "update", "web", "--json", timeout=30)
     assert out.returncode == 1 and json.loads(out.stdout)["reason"] == "disabled", out.stdout + out.stderr
-    engine.docker("run", "-d", "--name", "by-hand-2", f"{host}/it/web@{d2}")
+    engine.run_untrusted("-d", "--name", "by-hand-2", f"{host}/it/web@{d2}")
     gone(engine, "by-hand-2")
 
     # enabling it again runs the pinned digest (no new resolution: v3 is still the tag)

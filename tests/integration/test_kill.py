@@ -1,5 +1,8 @@
 """Issue 11: what was never allowed is killed at once (SIGKILL, no grace, never thawed); only a container
-that was allowed and loses that gets the stop grace period. Judged from the engine's own kill events."""
+that was allowed and loses that gets the stop grace period. Judged from the engine's own kill events.
+
+These are the start-event path's rules, so the gate at cgroup creation is off here (it would refuse the start
+before there is any kill to see); tests/integration/test_gate.py tests the gate."""
 
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ def agent(tmp_path: Path, engine: Dockerd, busybox_images: dict[str, str]) -> It
             "device": {"id": "kill-test"},
             "engine": {"url": engine.url},
             "state": {"dir": str(tmp_path / "state")},
-            "enforcement": {"stop_grace_seconds": GRACE},
+            "enforcement": {"stop_grace_seconds": GRACE, "freeze_on_create": False},
         },
     )
     cli(config, "allowlist", "add", busybox_images[ALLOWED], check=True)

@@ -45,7 +45,7 @@ def test_metrics_and_health(tmp_path: Path, engine: Dockerd, busybox_images: dic
     proc = AgentProcess(_config(tmp_path, engine, port), tmp_path / "agent.log").start()
     base = f"http://127.0.0.1:{port}"
     try:
-        engine.docker("run", "-d", "--name", "counted", OTHER)
+        engine.run_untrusted("-d", "--name", "counted", OTHER)
         proc.wait_log("blocked container counted")
         status, text = _get(base + "/metrics")
         assert status == 200
@@ -76,7 +76,7 @@ def test_a_port_in_use_disables_the_endpoint_not_enforcement(
         proc = AgentProcess(config, tmp_path / "agent.log").start()
         try:
             proc.wait_log("METRICS is DISABLED")
-            engine.docker("run", "-d", "--name", "still-enforced", OTHER)
+            engine.run_untrusted("-d", "--name", "still-enforced", OTHER)
             wait_for(
                 lambda: "still-enforced" not in engine.docker("ps", "-a", "--format", "{{.Names}}").stdout,
                 15,

@@ -154,8 +154,8 @@ def test_signed_is_frozen_verified_thawed_others_killed(
     t0 = time.time()
     cid = engine.docker("run", "-d", "--name", "signed", images.signed).stdout.strip()
     proc.wait_log("allowed container signed")
-    engine.docker("run", "-d", "--name", "unsigned", images.unsigned)
-    engine.docker("run", "-d", "--name", "wrong", images.wrong)
+    engine.run_untrusted("-d", "--name", "unsigned", images.unsigned)
+    engine.run_untrusted("-d", "--name", "wrong", images.wrong)
     gone(engine, "unsigned")
     gone(engine, "wrong")
     assert running(engine, "signed")
@@ -183,7 +183,7 @@ def test_burst_of_unsigned_starts_costs_one_verification(
     config, proc = agent
     names = [f"burst-{i}" for i in range(5)]
     with ThreadPoolExecutor(5) as pool:
-        list(pool.map(lambda n: engine.docker("run", "-d", "--name", n, images.burst), names))
+        list(pool.map(lambda n: engine.run_untrusted("-d", "--name", n, images.burst), names))
     for name in names:
         gone(engine, name)
     verifications = proc.log().count(f"signature verification of {images.host}/acme/burst@")
@@ -239,7 +239,7 @@ def test_restart_with_registry_down(
         second.wait_log("allowed container keep-2")
         assert running(engine, "keep-2")
         assert last_decision(config, "keep-2")["reason"] == "verified-before"
-        engine.docker("run", "-d", "--name", "never-verified", imgs.unsigned)
+        engine.run_untrusted("-d", "--name", "never-verified", imgs.unsigned)
         gone(engine, "never-verified")
         blocked = last_decision(config, "never-verified")
         assert (blocked["verdict"], blocked["reason"]) == ("blocked", "registry-unreachable"), blocked
@@ -296,10 +296,10 @@ def test_a_signed_image_verifies_while_four_registries_stall(
         proc = AgentProcess(config, tmp_path / "agent.log").start()
         try:
             for i, tag in enumerate(hostile):
-                engine.docker("run", "-d", "--name", f"stalled-{i}", tag)
+                engine.run_untrusted("-d", "--name", f"stalled-{i}", tag)
             wait_for(lambda: sum(f.stalled for f in fronts) >= 8, 20, what="eight stalled verifications")
             engine.docker("run", "-d", "--name", "honest", images.signed)
-            engine.docker("run", "-d", "--name", "unrelated", "local/unrelated:1")
+            engine.run_untrusted("-d", "--name", "unrelated", "local/unrelated:1")
             gone(engine, "unrelated")
             decided = {d["container"]["name"] for d in decisions(config)}
             assert not {f"stalled-{i}" for i in range(8)} & decided, "decided before the stalls ended"

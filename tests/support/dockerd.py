@@ -17,6 +17,8 @@ from pathlib import Path
 from tests.support.process import terminate
 
 BUSYBOX = Path("/usr/bin/busybox")
+#: how a start the agent's gate refused fails: runc reports the container's first process killed
+GATE_ERROR = "OCI runtime create failed"
 
 
 @dataclass
@@ -105,6 +107,22 @@ class Dockerd:
             input=input.decode() if input is not None else None,
         )
         if check and result.returncode != 0:
+            raise RuntimeError(f"docker {' '.join(args)} failed: {result.stderr.strip()}")
+        return result
+
+    def run_untrusted(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """``docker run ARGS`` of a container the agent under test will block. Either its start fails at the
+        agent's gate (killed before its entrypoint ran: the runtime's error), or it starts and the agent
+        removes it at its start event (a signature to check, a gate that is off); anything else fails."""
+        return self._untrusted("run", *args)
+
+    def start_untrusted(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """``docker start ARGS`` of a container the agent under test will block (see run_untrusted)."""
+        return self._untrusted("start", *args)
+
+    def _untrusted(self, *args: str) -> subprocess.CompletedProcess[str]:
+        result = self.docker(*args, check=False)
+        if result.returncode != 0 and GATE_ERROR not in result.stderr:
             raise RuntimeError(f"docker {' '.join(args)} failed: {result.stderr.strip()}")
         return result
 
