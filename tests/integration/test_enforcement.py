@@ -234,7 +234,10 @@ def test_sigterm_stops_cleanly(agent: AgentProcess) -> None:
 def test_second_agent_on_same_state_is_refused(agent: AgentProcess, setup: tuple[Path, Dockerd]) -> None:
     config, _ = setup
     out = subprocess.run(
-        [sys.executable, "-m", "agent", "--config", str(config), "run"], capture_output=True, text=True, timeout=30
+        [sys.executable, "-m", "agent", "--config", str(config), "run"],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert out.returncode == 2
     assert "already running" in out.stderr
