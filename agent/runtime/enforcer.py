@@ -13,6 +13,7 @@ check, runtime constraints not yet known) is thawed and decided at its start eve
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import queue
@@ -198,6 +199,9 @@ class Enforcer:
         self._authorized: dict[str, tuple[EffectivePolicy, float]] = {}
         #: containers frozen through their cgroup, waiting for their decision
         self._frozen: dict[str, ContainerCgroup] = {}
+        #: containers held at their cgroup's creation (their start waits for the gate; an inspect of them
+        #: would wait for the start)
+        self._gated: dict[str, ContainerCgroup] = {}
         #: containers with a final decision acted on (bounded): the periodic check skips them
         self._decided: dict[str, None] = {}
         #: the facts of decided containers (bounded), to judge them when the engine does not answer
@@ -224,6 +228,8 @@ class Enforcer:
         self._lanes = Lanes(lanes)
         self._removals = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="remove")
         self._verifications = ThreadPoolExecutor(max_workers=32, thread_name_prefix="verify-wait")
+        #: decisions on starts held at their cgroup's creation (Enforcer.gate)
+        self._gates = ThreadPoolExecutor(max_workers=4, thread_name_prefix="gate")
 
     # -- state -------------------------------------------------------------------------------------
 
@@ -303,8 +309,15 @@ class Enforcer:
             log.debug("could not freeze %s at its cgroup's creation: %s", container_id[:12], exc)
             return
         with self._lock:
-            self._frozen[container_id] = cgroup
-        self._lanes.submit(container_id, lambda: self._decide_gated(container_id))
+            self._gated[container_id] = cgroup
+        self._submit_gated(container_id)
+
+    def _submit_gated(self, container_id: str) -> None:
+        """Off the lanes: a held start must not wait behind a scan's inspects. Nothing else decides the
+        container meanwhile (:meth:`handle` leaves a held one alone), and its start event cannot come before
+        the gate lets it go."""
+        with contextlib.suppress(RuntimeError):  # shutting down: the next agent settles it (recover_gated)
+            self._gates.submit(self._decide_gated, container_id)
 
     def _decide_gated(self, container_id: str) -> Handled | None:
         """Settle a start held at its cgroup's creation: dockerd holds the container's lock until the start
@@ -312,7 +325,9 @@ class Enforcer:
         ran (the start fails) and removed. Allowed on full facts: thawed, and its start event is not decided
         again. Anything else: thawed, to be decided at its start event like any other start."""
         with self._lock:
-            cgroup = self._frozen.pop(container_id, None)
+            # from here on, whatever else looks at it waits at most until it is let go (an inspect waits
+            # for the start); and its start event, once thawed, is handled as any other
+            cgroup = self._gated.pop(container_id, None)
         if cgroup is None:
             return None  # decided meanwhile
         policy = self._policy
@@ -360,7 +375,7 @@ class Enforcer:
         found = 0
         for cid, cgroup in cgroups:
             with self._lock:
-                if cid in self._frozen or cid in self._decided:
+                if cid in self._gated or cid in self._decided:
                     continue  # being decided now, or decided
             try:
                 if not cgroup.frozen():
@@ -371,12 +386,12 @@ class Enforcer:
             if state != "created":
                 continue  # running ones are the scan's (it finds them frozen); paused ones are the user's
             with self._lock:
-                if cid in self._frozen:
+                if cid in self._gated:
                     continue  # the gate took it meanwhile
-                self._frozen[cid] = cgroup
+                self._gated[cid] = cgroup
             log.warning("container %s was left frozen before its start (an earlier agent stopped)", cid[:12])
             self._know((cid,))
-            self._lanes.submit(cid, partial(self._decide_gated, cid))
+            self._submit_gated(cid)
             found += 1
         return found
 
@@ -464,7 +479,8 @@ class Enforcer:
         if self.held_cgroups is not None:
             self.recover_gated(self.held_cgroups())
         with self._lock:
-            known = set(self._decided) | set(self._frozen) | set(self._attempts) | self._verifying
+            known = set(self._decided) | set(self._frozen) | set(self._gated) | set(self._attempts)
+            known |= self._verifying
         ids = self.engine.container_ids()
         self._know(ids)
         missed = [cid for cid in ids if cid not in known]
@@ -503,6 +519,7 @@ class Enforcer:
         return self._lanes.responsive(timeout)
 
     def close(self) -> None:
+        self._gates.shutdown(wait=True)  # a held start is never left frozen by a clean stop
         self._verifications.shutdown(wait=False, cancel_futures=True)
         self._lanes.close()
         self._removals.shutdown(wait=True)
@@ -515,6 +532,8 @@ class Enforcer:
         self, container_id: str, trigger: str, *, dry_run: bool = False, event: ContainerEvent | None = None
     ) -> Handled | None:
         with self._lock:
+            if container_id in self._gated:
+                return None  # held at its cgroup's creation: the gate decides it, and an inspect would wait
             frozen = self._frozen.pop(container_id, None)
         if trigger == "start" and self._just_authorized(container_id):
             log.debug("container %s was allowed before it started; not deciding again", container_id[:12])

@@ -77,7 +77,9 @@ def enforcer(
 
 
 def settle(e: Enforcer) -> None:
-    assert e.responsive(5)  # every lane has run what was queued before
+    """Every held start decided (no more gate decisions after this), and every lane has run what was queued."""
+    e._gates.shutdown(wait=True)
+    assert e.responsive(5)
 
 
 def wait_removed(engine: FakeEngine, cid: str) -> None:
@@ -257,3 +259,18 @@ def test_recovery_skips_another_engines_cgroups(store: Store) -> None:
     finally:
         e.close()
     assert cg.thaws == 0 and cg.kills == 0
+
+
+def test_a_scan_leaves_a_held_start_to_the_gate(store: Store) -> None:
+    """dockerd holds the container's lock for its start, which waits for the gate: a scan's inspect of it
+    would wait too (until the engine timeout), so a scan does not look at it."""
+    engine = FakeEngine({"c1": facts("c1", OTHER)})
+    e = enforcer(store, engine)
+    try:
+        e._gated["c1"] = Cgroup(frozen=True)  # type: ignore[assignment]
+        assert e.handle("c1", "scan") is None
+        assert e.reconcile() == 0  # nor does the periodic check
+    finally:
+        e._gated.clear()
+        e.close()
+    assert engine.lookups == 0 and engine.removed == []
