@@ -394,6 +394,7 @@ class Agent:
             return
         self.cgroup_watch = watch
         enforcer.held_cgroups = watch.existing
+        enforcer.cgroups = watch.find  # a container under its own --cgroup-parent is found too
         try:
             if found := enforcer.recover_gated(watch.existing()):
                 log.warning("%d container starts were left frozen by an earlier agent; deciding them", found)

@@ -137,16 +137,24 @@ class ContainerCgroup:
 class CgroupWatch:
     """Calls ``on_cgroup(container_id, cgroup)`` on its own thread the moment a container's cgroup is made.
 
-    inotify on the parents dockerd uses (``docker/`` for cgroupfs, ``system.slice/`` for systemd), and on the
-    base for a parent that does not exist yet (dockerd makes ``docker/`` with its first container). The
-    callback runs on the watch thread, so it must be quick: it freezes and hands the rest to others.
+    inotify on every directory of the hierarchy (the freezer one on v1) except inside containers' own
+    cgroups: dockerd's parents (``docker/`` for cgroupfs, ``system.slice/`` for systemd) and any other, since
+    ``docker run --cgroup-parent`` puts a container wherever its creator likes. A new directory is watched
+    at once and what was made in it before that is looked at, so a ``mkdir -p`` cannot outrun the watch.
+    The callback runs on the watch thread, so it must be quick: it freezes and hands the rest to others.
     """
 
     def __init__(self, on_cgroup: Callable[[str, ContainerCgroup], None], root: Path = CGROUP_ROOT) -> None:
         self.on_cgroup = on_cgroup
+        self.root = root
         self.base, self.v2 = hierarchy(root)
         self._inotify: INotify | None = None
-        self._parents: dict[int, Path] = {}  # watch descriptor -> parent directory (the base included)
+        self._dirs: dict[int, Path] = {}  # watch descriptor -> directory
+        #: container id -> its cgroup, wherever it was made (bounded); dropped when the directory goes, so
+        #: that the next start (a new directory) is reported, but not the same one twice (its creation
+        #: event and the look into its new parent may both see it)
+        self._containers: dict[str, ContainerCgroup] = {}
+        self._lock = threading.Lock()
         self._stop_r, self._stop_w = -1, -1
         self._thread: threading.Thread | None = None
         #: events the kernel dropped (its queue overflowed): those containers wait for their start event
@@ -158,10 +166,7 @@ class CgroupWatch:
             raise CgroupError(f"no cgroup hierarchy to watch at {self.base}")
         try:
             self._inotify = INotify()
-            self._add(self.base)
-            for name in PARENTS:
-                if (self.base / name).is_dir():
-                    self._add(self.base / name)
+            self._watch_tree(self.base, report=False)
         except OSError as exc:
             if self._inotify is not None:
                 self._inotify.close()
@@ -170,12 +175,22 @@ class CgroupWatch:
         self._thread = threading.Thread(target=self._run, name="cgroup-watch", daemon=True)
         self._thread.start()
 
+    def find(self, container_id: str) -> ContainerCgroup | None:
+        """A container's cgroup: where the watch saw it made, else where dockerd's drivers put it."""
+        with self._lock:
+            seen = self._containers.get(container_id)
+        if seen is not None and seen.path.is_dir():
+            return seen
+        return ContainerCgroup.find(container_id, self.root)
+
     def existing(self) -> list[tuple[str, ContainerCgroup]]:
         """The container cgroups there are now (an agent that starts looks for what an earlier one froze)."""
+        with self._lock:
+            dirs = list(self._dirs.values())
         out = []
-        for name in PARENTS:
+        for directory in dirs:
             with contextlib.suppress(OSError):
-                for entry in os.scandir(self.base / name):
+                for entry in os.scandir(directory):
                     if entry.is_dir(follow_symlinks=False) and (cid := container_id_of(entry.name)):
                         out.append((cid, ContainerCgroup(Path(entry.path), self.v2)))
         return out
@@ -191,10 +206,38 @@ class CgroupWatch:
         if self._inotify is not None:
             self._inotify.close()
 
-    def _add(self, directory: Path) -> None:
+    def _watch_tree(self, directory: Path, *, report: bool) -> None:
+        """Watch ``directory`` and every directory below it, but for containers' own cgroups, which are
+        reported (when ``report``: they were made after the watch began) and not entered."""
         assert self._inotify is not None
-        wd = self._inotify.add_watch(directory, flags.CREATE | flags.ONLYDIR)
-        self._parents[wd] = directory
+        try:
+            wd = self._inotify.add_watch(directory, flags.CREATE | flags.DELETE | flags.ONLYDIR)
+        except OSError:  # gone already, or the watch limit: its containers wait for their start event
+            if directory == self.base:
+                raise
+            log.debug("cgroup watch: cannot watch %s", directory)
+            return
+        with self._lock:
+            self._dirs[wd] = directory
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(directory):
+                if entry.is_dir(follow_symlinks=False):
+                    self._found(Path(entry.path), report=report)
+
+    def _found(self, path: Path, *, report: bool) -> None:
+        cid = container_id_of(path.name)
+        if cid is None:
+            self._watch_tree(path, report=report)
+            return
+        cgroup = ContainerCgroup(path, self.v2)
+        with self._lock:
+            if self._containers.get(cid) == cgroup:
+                return  # this very cgroup was reported already
+            self._containers[cid] = cgroup
+            while len(self._containers) > 16384:  # bounded: drop the oldest
+                del self._containers[next(iter(self._containers))]
+        if report:
+            self.on_cgroup(cid, cgroup)
 
     def _run(self) -> None:
         assert self._inotify is not None
@@ -216,16 +259,18 @@ class CgroupWatch:
             self.overflows += 1
             log.warning("cgroup watch: the kernel dropped events; those containers are frozen at their start")
             return
-        parent = self._parents.get(wd)
+        if mask & flags.IGNORED:  # the directory is gone, and its watch with it
+            with self._lock:
+                self._dirs.pop(wd, None)
+            return
+        with self._lock:
+            parent = self._dirs.get(wd)
         if parent is None or not mask & flags.ISDIR:
             return
-        if parent == self.base:
-            if name in PARENTS:
-                self._add(parent / name)
-                # a container may have been made in it before the watch was
-                for found, cg in self.existing():
-                    if cg.path.parent == parent / name:
-                        self.on_cgroup(found, cg)
+        if mask & flags.DELETE:
+            if (cid := container_id_of(name)) is not None:
+                with self._lock:
+                    if self._containers.get(cid) == ContainerCgroup(parent / name, self.v2):
+                        del self._containers[cid]
             return
-        if (cid := container_id_of(name)) is not None:
-            self.on_cgroup(cid, ContainerCgroup(parent / name, self.v2))
+        self._found(parent / name, report=True)

@@ -119,6 +119,21 @@ def test_an_allowlisted_container_runs_and_is_decided_once(agent: Path, engine: 
     assert [d["verdict"] for d in decisions(config, "fine")] == ["allowed"]
 
 
+def test_its_own_cgroup_parent_does_not_take_a_container_past_the_gate(
+    agent: Path, engine: Dockerd, tmp_path: Path
+) -> None:
+    """``--cgroup-parent`` puts the container's cgroup where its creator likes, made with one mkdir -p."""
+    out = out_dir(tmp_path, "elsewhere")
+    parent = f"/ig-test-parent-{os.getpid()}/nested"
+    run = engine.run_untrusted(
+        "-d", "--name", "elsewhere", "--cgroup-parent", parent, "-v", f"{out}:/out", WRITER
+    )
+    assert run.returncode != 0, "the start of a blocked image under its own cgroup parent succeeded"
+    wait_for(lambda: not exists(engine, "elsewhere"), 30, what="the blocked container to be removed")
+    time.sleep(0.3)
+    assert lines(out) == 0
+
+
 def test_a_container_created_before_the_agent_started_is_held_too(
     tmp_path: Path, engine: Dockerd, busybox_images: dict[str, str], writer: str
 ) -> None:

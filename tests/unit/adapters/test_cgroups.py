@@ -137,3 +137,49 @@ def test_v2_layout(tmp_path: Path) -> None:
 def test_no_hierarchy_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(CgroupError, match="no cgroup hierarchy to watch"):
         CgroupWatch(Seen(), root=tmp_path).start()
+
+
+def test_a_container_under_its_own_cgroup_parent_is_reported_and_found(
+    v1: tuple[Path, Seen, CgroupWatch],
+) -> None:
+    """``docker run --cgroup-parent=/a/b``: made with one mkdir -p, faster than a watch can be added."""
+    base, seen, watch = v1
+    (base / "a" / "b" / CID).mkdir(parents=True)
+    [(cid, cg)] = seen.wait(1)
+    assert cid == CID and cg.path == base / "a" / "b" / CID
+    assert watch.find(CID) == cg
+    assert (CID, cg) in watch.existing()
+
+
+def test_directories_there_before_the_watch_are_watched(tmp_path: Path) -> None:
+    (tmp_path / "freezer" / "custom" / "deep").mkdir(parents=True)
+    (tmp_path / "freezer" / "custom" / OTHER).mkdir()  # a container there already: known, not reported
+    seen = Seen()
+    watch = CgroupWatch(seen, root=tmp_path)
+    watch.start()
+    try:
+        (tmp_path / "freezer" / "custom" / "deep" / CID).mkdir()
+        assert [cid for cid, _ in seen.wait(1)] == [CID]
+        assert watch.find(OTHER) == ContainerCgroup(tmp_path / "freezer" / "custom" / OTHER, v2=False)
+    finally:
+        watch.stop()
+
+
+def test_a_removed_directory_can_be_made_again(v1: tuple[Path, Seen, CgroupWatch]) -> None:
+    base, seen, _ = v1
+    (base / "docker").mkdir()
+    (base / "docker").rmdir()
+    (base / "docker").mkdir()
+    (base / "docker" / CID).mkdir()
+    assert [cid for cid, _ in seen.wait(1)] == [CID]
+
+
+def test_each_start_is_reported_again(v1: tuple[Path, Seen, CgroupWatch]) -> None:
+    """A container's cgroup is removed when it stops and made anew at its next start."""
+    base, seen, _ = v1
+    (base / "docker").mkdir()
+    (base / "docker" / CID).mkdir()
+    seen.wait(1)
+    (base / "docker" / CID).rmdir()
+    (base / "docker" / CID).mkdir()
+    assert [cid for cid, _ in seen.wait(2)] == [CID, CID]
