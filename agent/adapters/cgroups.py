@@ -137,10 +137,11 @@ class ContainerCgroup:
 class CgroupWatch:
     """Calls ``on_cgroup(container_id, cgroup)`` on its own thread the moment a container's cgroup is made.
 
-    inotify on every directory of the hierarchy (the freezer one on v1) except inside containers' own
-    cgroups: dockerd's parents (``docker/`` for cgroupfs, ``system.slice/`` for systemd) and any other, since
-    ``docker run --cgroup-parent`` puts a container wherever its creator likes. A new directory is watched
-    at once and what was made in it before that is looked at, so a ``mkdir -p`` cannot outrun the watch.
+    inotify on every directory of the hierarchy (the freezer one on v1): dockerd's parents (``docker/`` for
+    cgroupfs, ``system.slice/`` for systemd) and any other, containers' own cgroups included, since
+    ``docker run --cgroup-parent`` puts a container wherever its creator likes (even inside another
+    container's cgroup). A new directory is watched at once and what was made in it before that is looked
+    at, so a ``mkdir -p`` cannot outrun the watch.
     The callback runs on the watch thread, so it must be quick: it freezes and hands the rest to others.
     """
 
@@ -207,8 +208,8 @@ class CgroupWatch:
             self._inotify.close()
 
     def _watch_tree(self, directory: Path, *, report: bool) -> None:
-        """Watch ``directory`` and every directory below it, but for containers' own cgroups, which are
-        reported (when ``report``: they were made after the watch began) and not entered."""
+        """Watch ``directory`` and every directory below it; containers' cgroups among them are reported
+        (when ``report``: they were made after the watch began)."""
         assert self._inotify is not None
         try:
             wd = self._inotify.add_watch(directory, flags.CREATE | flags.DELETE | flags.ONLYDIR)
@@ -226,18 +227,17 @@ class CgroupWatch:
 
     def _found(self, path: Path, *, report: bool) -> None:
         cid = container_id_of(path.name)
-        if cid is None:
-            self._watch_tree(path, report=report)
-            return
-        cgroup = ContainerCgroup(path, self.v2)
-        with self._lock:
-            if self._containers.get(cid) == cgroup:
-                return  # this very cgroup was reported already
-            self._containers[cid] = cgroup
-            while len(self._containers) > 16384:  # bounded: drop the oldest
-                del self._containers[next(iter(self._containers))]
-        if report:
-            self.on_cgroup(cid, cgroup)
+        if cid is not None:
+            cgroup = ContainerCgroup(path, self.v2)
+            with self._lock:
+                if self._containers.get(cid) == cgroup:
+                    return  # this very cgroup was seen already (its event, and the look into its parent)
+                self._containers[cid] = cgroup
+                while len(self._containers) > 16384:  # bounded: drop the oldest
+                    del self._containers[next(iter(self._containers))]
+            if report:
+                self.on_cgroup(cid, cgroup)  # frozen first: watching inside it can wait
+        self._watch_tree(path, report=report)
 
     def _run(self) -> None:
         assert self._inotify is not None

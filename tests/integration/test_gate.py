@@ -134,6 +134,23 @@ def test_its_own_cgroup_parent_does_not_take_a_container_past_the_gate(
     assert lines(out) == 0
 
 
+def test_nor_does_a_cgroup_parent_inside_an_allowed_containers_cgroup(
+    agent: Path, engine: Dockerd, tmp_path: Path
+) -> None:
+    host = engine.docker("run", "-d", "--name", "host", ALLOWED).stdout.strip()
+    time.sleep(0.5)
+    out = out_dir(tmp_path, "inside")
+    parent = f"/docker/{host}"
+    run = engine.run_untrusted(
+        "-d", "--name", "inside", "--cgroup-parent", parent, "-v", f"{out}:/out", WRITER
+    )
+    assert run.returncode != 0, "the start of a blocked image inside an allowed container's cgroup succeeded"
+    wait_for(lambda: not exists(engine, "inside"), 30, what="the blocked container to be removed")
+    time.sleep(0.3)
+    assert lines(out) == 0
+    assert engine.docker("inspect", "-f", "{{.State.Running}}", "host").stdout.strip() == "true"
+
+
 def test_a_container_created_before_the_agent_started_is_held_too(
     tmp_path: Path, engine: Dockerd, busybox_images: dict[str, str], writer: str
 ) -> None:

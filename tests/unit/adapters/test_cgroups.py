@@ -7,6 +7,7 @@ The watch is inotify on directories: the same calls on a plain tmpfs tree as on 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -90,15 +91,25 @@ def test_systemd_scopes_are_reported_and_other_units_are_not(v1: tuple[Path, See
     assert items[0][1].path == base / "system.slice" / f"docker-{OTHER}.scope"
 
 
-def test_files_and_nested_directories_are_not_containers(v1: tuple[Path, Seen, CgroupWatch]) -> None:
+def test_files_and_other_directories_are_not_containers(v1: tuple[Path, Seen, CgroupWatch]) -> None:
     base, seen, watch = v1
     (base / "docker").mkdir()
     (base / "docker" / OTHER).write_text("")  # a file, not a cgroup
     (base / "docker" / CID).mkdir()
-    (base / "docker" / CID / CID).mkdir()  # a child of a container's cgroup: not watched
-    items = seen.wait(1)
-    assert [cid for cid, _ in items] == [CID]
+    (base / "docker" / CID / "init.scope").mkdir()  # a cgroup a container made inside its own
+    time.sleep(0.2)
+    assert [cid for cid, _ in seen.wait(1)] == [CID]
     assert watch.existing() == [(CID, ContainerCgroup(base / "docker" / CID, v2=False))]
+
+
+def test_a_container_inside_another_containers_cgroup_is_reported(v1: tuple[Path, Seen, CgroupWatch]) -> None:
+    """``docker run --cgroup-parent=/docker/<another container>``: no place is out of the watch's sight."""
+    base, seen, _ = v1
+    (base / "docker" / CID).mkdir(parents=True)
+    seen.wait(1)
+    (base / "docker" / CID / OTHER).mkdir()
+    items = seen.wait(2)
+    assert items[1] == (OTHER, ContainerCgroup(base / "docker" / CID / OTHER, v2=False))
 
 
 def test_a_callback_error_does_not_end_the_watch(tmp_path: Path) -> None:
