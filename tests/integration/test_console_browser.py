@@ -53,7 +53,8 @@ def test_operator_signs_in_rolls_out_watches_alerts_and_aborts(
     browser.find_element(By.ID, "username").send_keys(USER)
     browser.find_element(By.ID, "password").send_keys("wrong password")
     browser.find_element(By.ID, "sign-in").click()
-    assert "wrong user name or password" in _text(browser, "#error")
+    # a failed sign-in is answered late on purpose (throttling): wait for the page that says so
+    wait.until(ec.text_to_be_present_in_element((By.ID, "error"), "wrong user name or password"))
     browser.find_element(By.ID, "username").clear()
     browser.find_element(By.ID, "username").send_keys(USER)
     browser.find_element(By.ID, "password").send_keys(PASSWORD)
