@@ -76,6 +76,16 @@ def exists(engine: Dockerd, name: str) -> bool:
     return engine.docker("inspect", name, check=False).returncode == 0
 
 
+def refused_before_its_entrypoint(engine: Dockerd, tmp_path: Path, name: str, *run_args: str) -> None:
+    """``docker run`` the blocked writer: its start fails, the agent removes it, and it never wrote a line."""
+    out = out_dir(tmp_path, name)
+    run = engine.run_untrusted("-d", "--name", name, *run_args, "-v", f"{out}:/out", WRITER)
+    assert run.returncode != 0, f"the start of blocked container {name} succeeded"
+    wait_for(lambda: not exists(engine, name), 30, what=f"blocked container {name} to be removed")
+    time.sleep(0.3)  # anything that got to run would have written by now
+    assert lines(out) == 0, f"blocked container {name}'s entrypoint ran"
+
+
 def decisions(config: Path, name: str) -> list[dict[str, Any]]:
     rows = json.loads(cli(config, "decisions", "--json", check=True).stdout)["decisions"]
     return [r for r in rows if r["container"].get("name") == name]
@@ -96,13 +106,8 @@ def test_a_blocked_start_fails_before_its_entrypoint_runs(
     agent: Path, engine: Dockerd, tmp_path: Path
 ) -> None:
     config = agent
-    out = out_dir(tmp_path, "blocked")
     since = str(int(time.time()) - 1)
-    run = engine.docker("run", "-d", "--name", "blocked", "-v", f"{out}:/out", WRITER, check=False)
-    assert run.returncode != 0, "the start of a blocked image succeeded"
-    wait_for(lambda: not exists(engine, "blocked"), 30, what="the blocked container to be removed")
-    time.sleep(0.3)  # anything that got to run would have written by now
-    assert lines(out) == 0, "the blocked container's entrypoint ran"
+    refused_before_its_entrypoint(engine, tmp_path, "blocked")
     assert started_events(engine, "blocked", since) == 0  # the engine never reported it started
     [record] = decisions(config, "blocked")
     assert (record["verdict"], record["reason"], record["action"]) == ("blocked", "not-allowlisted", "remove")
@@ -123,15 +128,8 @@ def test_its_own_cgroup_parent_does_not_take_a_container_past_the_gate(
     agent: Path, engine: Dockerd, tmp_path: Path
 ) -> None:
     """``--cgroup-parent`` puts the container's cgroup where its creator likes, made with one mkdir -p."""
-    out = out_dir(tmp_path, "elsewhere")
     parent = f"/ig-test-parent-{os.getpid()}/nested"
-    run = engine.run_untrusted(
-        "-d", "--name", "elsewhere", "--cgroup-parent", parent, "-v", f"{out}:/out", WRITER
-    )
-    assert run.returncode != 0, "the start of a blocked image under its own cgroup parent succeeded"
-    wait_for(lambda: not exists(engine, "elsewhere"), 30, what="the blocked container to be removed")
-    time.sleep(0.3)
-    assert lines(out) == 0
+    refused_before_its_entrypoint(engine, tmp_path, "elsewhere", "--cgroup-parent", parent)
 
 
 def test_nor_does_a_cgroup_parent_inside_an_allowed_containers_cgroup(
@@ -139,15 +137,7 @@ def test_nor_does_a_cgroup_parent_inside_an_allowed_containers_cgroup(
 ) -> None:
     host = engine.docker("run", "-d", "--name", "host", ALLOWED).stdout.strip()
     time.sleep(0.5)
-    out = out_dir(tmp_path, "inside")
-    parent = f"/docker/{host}"
-    run = engine.run_untrusted(
-        "-d", "--name", "inside", "--cgroup-parent", parent, "-v", f"{out}:/out", WRITER
-    )
-    assert run.returncode != 0, "the start of a blocked image inside an allowed container's cgroup succeeded"
-    wait_for(lambda: not exists(engine, "inside"), 30, what="the blocked container to be removed")
-    time.sleep(0.3)
-    assert lines(out) == 0
+    refused_before_its_entrypoint(engine, tmp_path, "inside", "--cgroup-parent", f"/docker/{host}")
     assert engine.docker("inspect", "-f", "{{.State.Running}}", "host").stdout.strip() == "true"
 
 
@@ -279,12 +269,7 @@ def test_on_a_cgroup_v2_engine_a_blocked_start_fails_before_its_entrypoint_runs(
     cli(config, "allowlist", "add", allowed, check=True)
     proc = AgentProcess(config, tmp_path / "agent.log", wrapper=v2_engine.wrapper).start()
     try:
-        out = out_dir(tmp_path, "v2")
-        run = v2_engine.docker("run", "-d", "--name", "blocked-v2", "-v", f"{out}:/out", WRITER, check=False)
-        assert run.returncode != 0
-        wait_for(lambda: not exists(v2_engine, "blocked-v2"), 30, what="the blocked container to be removed")
-        time.sleep(0.3)
-        assert lines(out) == 0
+        refused_before_its_entrypoint(v2_engine, tmp_path, "blocked-v2")
         v2_engine.docker("run", "-d", "--name", "fine-v2", ALLOWED)
         time.sleep(1)
         assert v2_engine.docker("inspect", "-f", "{{.State.Running}}", "fine-v2").stdout.strip() == "true"
