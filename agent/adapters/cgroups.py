@@ -185,16 +185,10 @@ class CgroupWatch:
         return ContainerCgroup.find(container_id, self.root)
 
     def existing(self) -> list[tuple[str, ContainerCgroup]]:
-        """The container cgroups there are now (an agent that starts looks for what an earlier one froze)."""
+        """The container cgroups there are now (an agent that starts looks for what an earlier one froze):
+        what the walk at start found and the watch saw made since, less what it saw go; no I/O."""
         with self._lock:
-            dirs = list(self._dirs.values())
-        out = []
-        for directory in dirs:
-            with contextlib.suppress(OSError):
-                for entry in os.scandir(directory):
-                    if entry.is_dir(follow_symlinks=False) and (cid := container_id_of(entry.name)):
-                        out.append((cid, ContainerCgroup(Path(entry.path), self.v2)))
-        return out
+            return list(self._containers.items())
 
     def stop(self) -> None:
         if self._thread is None:

@@ -303,10 +303,7 @@ class Enforcer:
         with self._lock:
             if container_id not in self._ours:
                 return
-        try:
-            cgroup.freeze()
-        except CgroupError as exc:
-            log.debug("could not freeze %s at its cgroup's creation: %s", container_id[:12], exc)
+        if self._freeze_now(container_id, cgroup) is None:
             return
         with self._lock:
             self._gated[container_id] = cgroup
@@ -460,16 +457,9 @@ class Enforcer:
     def _freeze(self, container_id: str) -> None:
         if not self._enforcing():
             return
-        try:
-            cg = self.cgroups(container_id)
-            if cg is None:
-                return
-            cg.freeze()
-        except CgroupError as exc:
-            log.debug("could not freeze %s: %s", container_id[:12], exc)
-            return
-        with self._lock:
-            self._frozen[container_id] = cg
+        if (cg := self._freeze_now(container_id)) is not None:
+            with self._lock:
+                self._frozen[container_id] = cg
 
     def reconcile(self) -> int:
         """Decide again on every container not known to be allowed (cheap: one list, set look-ups).
@@ -670,9 +660,10 @@ class Enforcer:
         self._act(facts, decision, action, grace, wait=trigger not in _OFF_LANE)
         return Handled(record, decision, facts)
 
-    def _freeze_now(self, container_id: str) -> ContainerCgroup | None:
+    def _freeze_now(self, container_id: str, cgroup: ContainerCgroup | None = None) -> ContainerCgroup | None:
+        """Freeze the container (through ``cgroup`` when known); its cgroup, or None when it was not frozen."""
         try:
-            cg = self.cgroups(container_id)
+            cg = cgroup or self.cgroups(container_id)
             if cg is not None:
                 cg.freeze()
             return cg
