@@ -202,6 +202,9 @@ class Enforcer:
         #: containers held at their cgroup's creation (their start waits for the gate; an inspect of them
         #: would wait for the start)
         self._gated: dict[str, ContainerCgroup] = {}
+        #: held containers whose start event came while they were held (a watch that saw the cgroup late,
+        #: on a busy host): handed back to the start-event path if the gate does not settle them
+        self._started_while_gated: set[str] = set()
         #: containers with a final decision acted on (bounded): the periodic check skips them
         self._decided: dict[str, None] = {}
         #: the facts of decided containers (bounded), to judge them when the engine does not answer
@@ -327,16 +330,26 @@ class Enforcer:
             cgroup = self._gated.pop(container_id, None)
         if cgroup is None:
             return None  # decided meanwhile
+        handled, let_go = self._settle_gated(container_id, cgroup)
+        with self._lock:
+            started = container_id in self._started_while_gated
+            self._started_while_gated.discard(container_id)
+        if let_go and started:  # its start event was set aside while it was held: decide it now
+            self.submit(container_id, "start")
+        return handled
+
+    def _settle_gated(self, container_id: str, cgroup: ContainerCgroup) -> tuple[Handled | None, bool]:
+        """The gate's decision, and whether the container was let go undecided (for its start event)."""
         policy = self._policy
         try:
             facts, decision = self._decide(container_id, policy, self._facts_before_start)
         except Gone:
             self._thaw(cgroup)  # not this engine's after all
-            return None
+            return None, False
         except Exception as exc:  # the start event decides it, frozen again meanwhile
             log.warning("could not decide on %s at its cgroup's creation: %s", container_id[:12], exc)
             self._thaw(cgroup)
-            return None
+            return None, True
         settled = decision.verdict == "blocked" or (
             decision.verdict == "allowed" and facts.runtime is not None
         )
@@ -347,14 +360,14 @@ class Enforcer:
                 "signature to check" if decision.pending else "runtime facts not known yet",
             )
             self._thaw(cgroup)
-            return None
+            return None, True
         handled = self._finish(InFlight(facts, decision, policy, "start", cgroup, False))
         if decision.verdict == "allowed":
             with self._lock:
                 self._authorized[container_id] = (policy, self.clock())
         else:
             self._count("killed_before_entrypoint")
-        return handled
+        return handled, False
 
     def _facts_before_start(self, container_id: str) -> ContainerFacts:
         """The inspect made after the container's create if it has answered; otherwise the lock-free list."""
@@ -523,7 +536,12 @@ class Enforcer:
     ) -> Handled | None:
         with self._lock:
             if container_id in self._gated:
-                return None  # held at its cgroup's creation: the gate decides it, and an inspect would wait
+                # held at its cgroup's creation: the gate decides it, and an inspect would wait; a start
+                # event that comes meanwhile is handed back if the gate lets it go undecided
+                if trigger == "start":
+                    self._started_while_gated.add(container_id)
+                    self._frozen.pop(container_id, None)  # the same cgroup: the gate thaws or kills it
+                return None
             frozen = self._frozen.pop(container_id, None)
         if trigger == "start" and self._just_authorized(container_id):
             log.debug("container %s was allowed before it started; not deciding again", container_id[:12])

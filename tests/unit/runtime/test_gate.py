@@ -274,3 +274,20 @@ def test_a_scan_leaves_a_held_start_to_the_gate(store: Store) -> None:
         e._gated.clear()
         e.close()
     assert engine.lookups == 0 and engine.removed == []
+
+
+def test_a_start_event_that_comes_while_held_is_decided_once_the_gate_lets_go(store: Store) -> None:
+    """On a busy host the watch may see the cgroup late, after the start event: that event is not lost."""
+    engine = FakeEngine({"c1": facts("c1", ALLOWED)})
+    e = enforcer(store, engine)
+    cg = Cgroup(frozen=True)
+    try:
+        e._know(("c1",))
+        e._gated["c1"] = cg  # type: ignore[assignment]
+        assert e.submit("c1", "start").result(5) is None  # set aside while held
+        e._decide_gated("c1")  # allowed on the list alone: let go, and the start is decided now
+        settle(e)
+    finally:
+        e.close()
+    assert [r["verdict"] for _, r in store.decisions()] == ["allowed"]
+    assert engine.lookups == 1 and not cg.is_frozen
