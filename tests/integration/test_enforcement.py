@@ -45,7 +45,7 @@ def agent(setup: tuple[Path, Dockerd], tmp_path: Path) -> Iterator[AgentProcess]
 
 
 def exists(engine: Dockerd, name: str) -> bool:
-    return engine.docker("inspect", name, check=False).returncode == 0
+    return engine.has_container(name)
 
 
 def running(engine: Dockerd, name: str) -> bool:

@@ -40,7 +40,7 @@ def make_config(tmp_path: Path, engine: Dockerd, state: Path, busybox_images: di
 
 
 def exists(engine: Dockerd, name: str) -> bool:
-    return engine.docker("inspect", name, check=False).returncode == 0
+    return engine.has_container(name)
 
 
 def running(engine: Dockerd, name: str) -> bool:

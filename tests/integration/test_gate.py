@@ -73,7 +73,7 @@ def lines(out: Path) -> int:
 
 
 def exists(engine: Dockerd, name: str) -> bool:
-    return engine.docker("inspect", name, check=False).returncode == 0
+    return engine.has_container(name)
 
 
 def refused_before_its_entrypoint(engine: Dockerd, tmp_path: Path, name: str, *run_args: str) -> None:

@@ -40,7 +40,7 @@ def agent(tmp_path: Path, engine: Dockerd, busybox_images: dict[str, str]) -> It
 
 
 def exists(engine: Dockerd, name: str) -> bool:
-    return engine.docker("inspect", name, check=False).returncode == 0
+    return engine.has_container(name)
 
 
 def events(engine: Dockerd, cid: str, since: str, kind: str) -> list[dict[str, str]]:

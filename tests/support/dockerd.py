@@ -141,6 +141,12 @@ class Dockerd:
     def image_id(self, ref: str) -> str:
         return self.docker("image", "inspect", "--format", "{{.Id}}", ref).stdout.strip()
 
+    def has_container(self, name: str) -> bool:
+        """Whether a container of exactly this name exists. (``docker inspect NAME`` also answers for any
+        image or container whose id starts with NAME: a test's "a1" or "bad" can match an image id.)"""
+        names = self.docker("ps", "-a", "--format", "{{.Names}}").stdout.split()
+        return name in names
+
     def container_ids(self) -> set[str]:
         out = self.docker("ps", "-aq", "--no-trunc").stdout.split()
         return set(out)
